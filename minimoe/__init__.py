@@ -1,0 +1,1 @@
+"""minimoe: dense, router-MoE and Autonomy-of-Experts (AoE) transformers from scratch."""

@@ -1,0 +1,79 @@
+"""Autonomy-of-Experts (the paper's Eq. 3 and Alg. 2): no router; experts rank themselves.
+
+Each expert's gate weight is factorized, W_g^i = W_down^i W_up^i (D x L times L x W, L = d_low).
+All W_down^i sit side by side in one (D, E*L) matrix, so ONE matmul gives every expert's
+low-rank activation a_i = x W_down^i. An expert that "recognizes" the token produces a large
+activation, so the norm ||a_i|| is its own vote:
+
+    a = x [W_down^1 ... W_down^E]   (N, E, L)   all experts start, cheaply (rank L)
+    I = topK(softmax(||a_i||))      (N, K)      the experts with the largest activation norms
+    y = sum_{i in I} g_i (SiLU(a_i W_up^i) * x W_p^i) W_o^i     reusing a_i: no work is redone
+
+Compared with moe.py only the scoring changes (norms of a_i instead of router logits) and the
+SiLU branch starts from the cached a_i instead of x. Unselected experts stop after W_down.
+d_wide (W) is chosen so an AoE layer has as many parameters as the MoE layer (Eq. 5).
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .dispatch import (Routing, combine, grouped_mm, load_balance_loss, plan_dispatch,
+                       resolve_impl, route, swiglu_experts, z_loss)
+
+
+def d_wide_for_matched_params(n_embd: int, d_ffn: int, d_low: int, multiple_of: int = 8) -> int:
+    """Eq. 5: d_wide = (3 D d_ffn - L D) / (L + 2 D), rounded to a multiple of 8 (kernel alignment).
+
+    Then L*D + L*W + 2*D*W ~= 3*D*d_ffn: an AoE expert has the parameters of an MoE expert
+    (the MoE's small router, D*E, is not matched; it is well under 1% of the layer).
+    """
+    exact = (3 * n_embd * d_ffn - d_low * n_embd) / (d_low + 2 * n_embd)
+    return max(multiple_of, int(round(exact / multiple_of)) * multiple_of)
+
+
+class AoE(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        D, E, L, W = config.n_embd, config.n_experts, config.low_dim, config.wide_dim
+        self.n_experts, self.top_k, self.d_low = E, config.top_k, L
+        self.renormalize = config.norm_topk
+        self.aux_loss_coef, self.z_loss_coef = config.aux_loss_coef, config.z_loss_coef
+        self.dispatch = config.dispatch
+        self.w_down = nn.Parameter(torch.empty(D, E * L))   # expert i owns columns i*L:(i+1)*L
+        self.w_up = nn.Parameter(torch.empty(E, L, W))      # W_up^i    (W_g^i = W_down^i W_up^i)
+        self.w_p = nn.Parameter(torch.empty(E, D, W))       # W_p^i
+        self.w_o = nn.Parameter(torch.empty(E, W, D))       # W_o^i
+        std, out_std = config.init_std, config.init_std / math.sqrt(2 * config.n_layer)
+        for w in (self.w_down, self.w_up, self.w_p):
+            nn.init.normal_(w, std=std)
+        nn.init.normal_(self.w_o, std=out_std)
+        self.last_routing: Routing | None = None            # routing of the last forward, detached
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x = x.reshape(-1, D)                                # (N, D)
+        impl = resolve_impl(self.dispatch, x.device, x.dtype)
+
+        # --- scoring: every expert computes its low-rank activation, ranked by its L2 norm ---
+        a = (x @ self.w_down).view(-1, self.n_experts, self.d_low)   # (N, E, L) the cache C of Alg. 2
+        r = route(a.float().norm(dim=-1), self.top_k, self.renormalize)  # scores (N, E) -> (N, K)
+
+        # --- the chosen experts finish Eq. 1, starting from their cached a_i ---
+        plan = plan_dispatch(r.experts, self.n_experts)
+        x_s = x[plan.token]                                  # (S, D) token rows, grouped by expert
+        g = grouped_mm(a[plan.token, plan.expert], self.w_up, plan, impl)  # (S, W) a_i W_up^i
+        y = swiglu_experts(x_s, g, self.w_p, self.w_o, plan, impl)  # (S, D)
+        out = combine(y, r.gates, plan, x.shape[0])          # (N, D) gate-weighted sum over K
+
+        aux = self.aux_loss_coef * load_balance_loss(r) + self.z_loss_coef * z_loss(r)  # Eq. 6 on norms
+        self.last_routing = r.detach()
+        return out.view(B, T, D), aux
+
+    def active_params(self) -> int:
+        """Parameters a single token touches: ALL experts' W_down (every expert scores every token,
+        the paper's extra cost) plus W_up, W_p, W_o of K experts."""
+        per_expert = (self.w_up.numel() + self.w_p.numel() + self.w_o.numel()) // self.n_experts
+        return self.w_down.numel() + self.top_k * per_expert

@@ -1,0 +1,180 @@
+"""What router-MoE and AoE share: top-k gating, dropless dispatch, aux losses, routing statistics.
+
+Both layers end up with a score matrix (N tokens x E experts): router logits for MoE, activation
+norms for AoE. Everything after the scores is the same and lives here:
+
+    scores (N, E) --route--> gates (N, K), experts (N, K)
+                  --plan---> the N*K token-slots sorted by expert (S = N*K rows, E groups)
+                  --grouped_mm--> one matmul per projection over all experts at once
+                  --combine--> weighted sum of each token's K expert outputs, back to (N, D)
+
+Shape letters used in comments: N tokens (B*T), E experts, K experts per token (top_k),
+S = N*K token-slots, D model width (n_embd), H an expert's hidden width, L AoE rank (d_low).
+
+Dispatch is dropless (no capacity factor): every token gets all K of its experts, as in
+torchtitan/megablocks. The fast path sorts the slots by expert and runs `torch._grouped_mm`
+(one kernel for all experts); the reference path is a plain Python loop over experts.
+Tests hold the two equal, and both equal a per-token loop written in the tests.
+"""
+
+from dataclasses import dataclass
+from functools import lru_cache
+import math
+
+import torch
+import torch.nn.functional as F
+
+DISPATCH_IMPLS = ("auto", "grouped", "loop")
+
+
+# --------------------------------------------------------------------------- gating
+
+@dataclass
+class Routing:
+    """The result of scoring + top-k for one forward pass (all tensors have N rows)."""
+    scores: torch.Tensor   # (N, E) raw scores: router logits (MoE) or L2 norms (AoE)
+    probs: torch.Tensor    # (N, E) fp32 softmax over all E scores
+    gates: torch.Tensor    # (N, K) weights of the chosen experts
+    experts: torch.Tensor  # (N, K) int64 indices of the chosen experts
+
+    def detach(self) -> "Routing":
+        return Routing(*(t.detach() for t in (self.scores, self.probs, self.gates, self.experts)))
+
+
+def route(scores: torch.Tensor, top_k: int, renormalize: bool = True) -> Routing:
+    """Softmax over all experts (fp32), keep the top-k, optionally renormalize them to sum to 1.
+
+    Renormalized, this equals Softmax(scores[topK]) of the paper's Alg. 1 (MoE) and Alg. 2 (AoE).
+    """
+    probs = F.softmax(scores.float(), dim=-1)           # (N, E) fp32: exp() of bf16 logits is lossy
+    gates, experts = probs.topk(top_k, dim=-1)          # (N, K), (N, K)
+    if renormalize:
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+    return Routing(scores, probs, gates, experts)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+@dataclass
+class DispatchPlan:
+    """Where each of the S = N*K token-slots goes, with slots sorted (stably) by expert."""
+    token: torch.Tensor    # (S,) token row that each sorted slot reads
+    expert: torch.Tensor   # (S,) expert of each sorted slot (non-decreasing)
+    slot: torch.Tensor     # (S,) flat index n*K+k of each sorted slot, to pick its gate
+    counts: torch.Tensor   # (E,) slots per expert
+    offsets: torch.Tensor  # (E,) int32 cumulative counts: group e is rows offsets[e-1]:offsets[e]
+
+    @property
+    def bounds(self) -> list[int]:
+        """[0, end_0, end_1, ...] as Python ints, for the reference loop."""
+        return [0] + self.offsets.tolist()
+
+
+def plan_dispatch(experts: torch.Tensor, n_experts: int) -> DispatchPlan:
+    """Sort the (N, K) expert choices into contiguous per-expert groups."""
+    N, K = experts.shape
+    flat = experts.reshape(-1)                                 # (S,)
+    slot = torch.argsort(flat, stable=True)                    # (S,) stable: tokens keep their order
+    counts = torch.bincount(flat, minlength=n_experts)         # (E,)
+    offsets = torch.cumsum(counts, dim=0).to(torch.int32)      # (E,)
+    return DispatchPlan(token=slot // K, expert=flat[slot], slot=slot, counts=counts, offsets=offsets)
+
+
+@lru_cache(maxsize=None)
+def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm exists and runs on this device type and dtype.
+
+    It is a private op whose coverage changes between releases (CPU fp32 and bf16 run in 2.13;
+    CUDA wants bf16 on sm90+), so we ask it once by calling it rather than by version checks."""
+    device = device_type
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.zeros(2, 8, device=device, dtype=dtype)
+        w = torch.zeros(2, 8, 8, device=device, dtype=dtype)
+        torch._grouped_mm(x, w, offs=torch.tensor([1, 2], device=device, dtype=torch.int32))
+        return True
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def resolve_impl(impl: str, device, dtype) -> str:
+    if impl not in DISPATCH_IMPLS:
+        raise ValueError(f"dispatch={impl!r} is not one of {DISPATCH_IMPLS}")
+    if impl == "auto":
+        return "grouped" if grouped_mm_available(torch.device(device).type, dtype) else "loop"
+    return impl
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, plan: DispatchPlan, impl: str) -> torch.Tensor:
+    """y[rows of group e] = x[rows of group e] @ w[e].   x (S, I), w (E, I, O) -> (S, O)."""
+    if impl == "grouped":
+        # _grouped_mm is not autocast-aware: cast the weights to the activations' dtype ourselves.
+        # Its backward wants dense strides; .contiguous() is free when they already are.
+        return torch._grouped_mm(x.contiguous(), w.to(x.dtype), offs=plan.offsets)
+    # Reference path: one plain matmul per expert.
+    b = plan.bounds
+    return torch.cat([x[b[e]:b[e + 1]] @ w[e] for e in range(w.shape[0])], dim=0)
+
+
+def combine(y: torch.Tensor, gates: torch.Tensor, plan: DispatchPlan, n_tokens: int) -> torch.Tensor:
+    """out[n] = sum_k gates[n, k] * y[slot of (n, k)].   y (S, D), gates (N, K) -> (N, D)."""
+    w = gates.reshape(-1)[plan.slot]                           # (S,) fp32 gate of each sorted slot
+    out = y.new_zeros(n_tokens, y.shape[-1], dtype=torch.float32)  # (N, D) sum in fp32, then cast
+    return out.index_add_(0, plan.token, y.float() * w[:, None]).to(y.dtype)
+
+
+def swiglu_experts(x: torch.Tensor, g: torch.Tensor, w_p: torch.Tensor, w_o: torch.Tensor,
+                   plan: DispatchPlan, impl: str) -> torch.Tensor:
+    """The rest of Eq. 1 once the SiLU branch's pre-activation g is known:
+    (SiLU(g) * (x W_p)) W_o, per slot with its own expert's weights.   x (S, D), g (S, H) -> (S, D)."""
+    h = F.silu(g) * grouped_mm(x, w_p, plan, impl)             # (S, H)
+    return grouped_mm(h, w_o, plan, impl)                      # (S, D)
+
+
+# --------------------------------------------------------------------------- losses
+
+def expert_fraction(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """f_i of Eq. 6: fraction of tokens that have expert i among their top-k. Sums to K.  (E,)"""
+    N = experts.shape[0]
+    return torch.bincount(experts.reshape(-1), minlength=n_experts).float() / N
+
+
+def load_balance_loss(r: Routing) -> torch.Tensor:
+    """Eq. 6 without alpha: n * sum_i f_i * P_i  (f from the top-k choice, P = mean softmax).
+
+    f is a count (no gradient); the gradient flows through P into the router logits (MoE) or the
+    norms and hence W_down (AoE). With f summing to K, perfect balance (f_i = K/n, P_i = 1/n)
+    gives exactly K; any imbalance that the probabilities follow gives more.
+    """
+    E = r.probs.shape[-1]
+    f = expert_fraction(r.experts, E)                          # (E,)
+    P = r.probs.mean(dim=0)                                    # (E,)
+    return E * (f * P).sum()
+
+
+def z_loss(r: Routing) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean squared log-sum-exp of the scores; keeps logits small."""
+    return torch.logsumexp(r.scores.float(), dim=-1).square().mean()
+
+
+# --------------------------------------------------------------------------- statistics
+
+def routing_stats(r: Routing) -> dict:
+    """The paper's per-layer statistics for one forward pass, as Python floats/lists.
+
+    load:      f normalized to sum to 1 (share of token-slots per expert)
+    ent_load:  Eq. 7, -sum f log f over that share; log(E) at perfect balance
+    ent_conf:  Eq. 8, -sum p log p of the softmax over all E scores, averaged over tokens;
+               lower = experts (or router) more confident about who should take the token
+    load_cv:   coefficient of variation of the per-expert slot counts (0 = perfect balance)
+    """
+    E = r.probs.shape[-1]
+    counts = torch.bincount(r.experts.reshape(-1), minlength=E).float()
+    load = counts / counts.sum()
+    ent_load = -(load * load.clamp_min(1e-12).log()).sum()
+    p = r.probs.float()
+    ent_conf = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+    cv = counts.std(unbiased=False) / counts.mean()
+    return {"load": load.tolist(), "ent_load": ent_load.item(), "ent_conf": ent_conf.item(),
+            "load_cv": cv.item(), "max_ent": math.log(E)}

@@ -1,0 +1,182 @@
+"""MoE / AoE layers: the fast paths against a plain per-token loop, gradients, losses, statistics."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minimoe.aoe import AoE
+from minimoe.dispatch import Routing, load_balance_loss, plan_dispatch, route, routing_stats
+from minimoe.model import GPTConfig
+from minimoe.moe import MoE
+
+D, E, K, H, L = 32, 6, 2, 48, 8
+
+
+def make(kind, dispatch="loop", seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=D, ffn=kind,
+                    n_experts=kw.pop("n_experts", E), top_k=kw.pop("top_k", K), d_ffn=H,
+                    d_low=L, d_wide=kw.pop("d_wide", 40), dispatch=dispatch, **kw)
+    layer = (MoE if kind == "moe" else AoE)(cfg)
+    with torch.no_grad():  # bigger weights than the init, so the experts really differ
+        for p in layer.parameters():
+            p.mul_(10)
+    return layer
+
+
+def expert_out(layer, x, i):
+    """E_i(x) of Eq. 1 for one token x (D,), written out by hand."""
+    if isinstance(layer, MoE):
+        g = x @ layer.w_g[i]
+    else:
+        g = (x @ layer.w_down[:, i * layer.d_low:(i + 1) * layer.d_low]) @ layer.w_up[i]
+    return (F.silu(g) * (x @ layer.w_p[i])) @ layer.w_o[i]
+
+
+def scores_of(layer, x):
+    """The per-token score vector (E,): router logits (Alg. 1) or ||x W_down^i|| (Alg. 2)."""
+    if isinstance(layer, MoE):
+        return layer.router.weight @ x
+    L = layer.d_low
+    return torch.stack([(x @ layer.w_down[:, i * L:(i + 1) * L]).norm() for i in range(layer.n_experts)])
+
+
+def per_token_reference(layer, x):
+    """One token at a time: score, softmax over all experts, top-k, (renormalize), weighted sum."""
+    outs = []
+    for n in range(x.shape[0]):
+        p = torch.softmax(scores_of(layer, x[n]), dim=-1)
+        g, idx = p.topk(layer.top_k)
+        if layer.renormalize:
+            g = g / g.sum()
+        outs.append(sum(g[k] * expert_out(layer, x[n], idx[k]) for k in range(layer.top_k)))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("kind", ["moe", "aoe"])
+@pytest.mark.parametrize("dispatch", ["loop", "grouped"])
+@pytest.mark.parametrize("norm_topk", [True, False])
+def test_fast_path_equals_per_token_loop(kind, dispatch, norm_topk):
+    layer = make(kind, dispatch, norm_topk=norm_topk)
+    x = torch.randn(3, 7, D, requires_grad=True)
+    y, _ = layer(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = per_token_reference(layer, x_ref.view(-1, D)).view_as(y)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    # gradients agree too, for the input and for every parameter
+    w = torch.randn_like(y)
+    grads = torch.autograd.grad((y * w).sum(), [x, *layer.parameters()])
+    grads_ref = torch.autograd.grad((y_ref * w).sum(), [x_ref, *layer.parameters()])
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["moe", "aoe"])
+def test_grouped_and_loop_dispatch_agree(kind):
+    fast, slow = make(kind, "grouped"), make(kind, "loop")
+    x = torch.randn(4, 16, D)
+    (y1, a1), (y2, a2) = fast(x), slow(x)
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(a1, a2)
+    (y1.square().sum() + a1).backward()
+    (y2.square().sum() + a2).backward()
+    for (name, p1), p2 in zip(fast.named_parameters(), slow.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, msg=lambda m: f"{name}: {m}")
+
+
+def test_dispatch_handles_experts_with_no_tokens():
+    layer = make("moe", "grouped")
+    with torch.no_grad():   # a router that sends every token to experts 0 and 1
+        layer.router.weight.zero_()
+        layer.router.weight[0] = 1.0
+        layer.router.weight[1] = 0.5
+    x = torch.rand(2, 5, D) + 0.1       # positive, so experts 0 > 1 > the rest
+    y, _ = layer(x)
+    assert layer.last_routing.experts.unique().tolist() == [0, 1]
+    torch.testing.assert_close(y, per_token_reference(layer, x.view(-1, D)).view_as(y), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["moe", "aoe"])
+def test_gradient_reaches_the_scorer_through_the_gates(kind):
+    # aux loss off: the only way to the router / W_down is the gate weights of the output
+    layer = make(kind, aux_loss_coef=0.0)
+    y, aux = layer(torch.randn(2, 8, D))
+    assert aux.item() == 0.0
+    y.square().sum().backward()
+    scorer = layer.router.weight if kind == "moe" else layer.w_down
+    assert scorer.grad is not None and scorer.grad.abs().sum() > 0
+    if kind == "aoe":  # and every expert's slice of W_down that scored a token
+        L = layer.d_low
+        used = layer.last_routing.experts.unique().tolist()
+        for i in used:
+            assert layer.w_down.grad[:, i * L:(i + 1) * L].abs().sum() > 0
+
+
+def test_aux_loss_is_k_at_perfect_balance_and_larger_when_imbalanced():
+    N = 12
+    # perfect balance: uniform probabilities, each expert chosen by exactly N*K/E tokens
+    experts = torch.stack([torch.arange(N) % E, (torch.arange(N) + 1) % E], dim=1)   # (N, K)
+    uniform = Routing(torch.zeros(N, E), torch.full((N, E), 1 / E), torch.full((N, K), 0.5), experts)
+    assert load_balance_loss(uniform).item() == pytest.approx(K)
+    # imbalance the probabilities follow: everybody picks experts 0 and 1, and they get the mass
+    scores = torch.tensor([4.0, 3.0] + [0.0] * (E - 2)).expand(N, E)
+    skewed = route(scores, K)
+    assert load_balance_loss(skewed).item() > K + 0.5
+    # and the layer returns alpha times it
+    layer = make("moe", aux_loss_coef=0.25)
+    _, aux = layer(torch.randn(1, 10, D))
+    assert aux.item() == pytest.approx(0.25 * load_balance_loss(layer.last_routing).item(), rel=1e-5)
+
+
+def test_z_loss_is_added_when_enabled():
+    x = torch.randn(1, 10, D)
+    _, aux0 = make("moe", aux_loss_coef=0.0)(x)
+    layer = make("moe", aux_loss_coef=0.0, z_loss_coef=1e-3)
+    _, aux1 = layer(x)
+    lse = torch.logsumexp(layer.last_routing.scores, -1)
+    assert aux0.item() == 0.0
+    assert aux1.item() == pytest.approx(1e-3 * lse.square().mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["moe", "aoe"])
+def test_top_k_equal_to_n_experts_is_a_weighted_sum_of_all_experts(kind):
+    layer = make(kind, top_k=E, norm_topk=False)
+    if kind == "moe":
+        with torch.no_grad():
+            layer.router.weight.zero_()   # equal logits -> every weight is exactly 1/E
+    x = torch.randn(5, D)
+    y, _ = layer(x[None])
+    p = torch.softmax(torch.stack([scores_of(layer, t) for t in x]), dim=-1)   # (N, E)
+    expected = torch.stack([sum(p[n, i] * expert_out(layer, x[n], i) for i in range(E)) for n in range(5)])
+    torch.testing.assert_close(y[0], expected, rtol=1e-4, atol=1e-4)
+    if kind == "moe":   # equal weights: the output is just the mean (sum / E) of all experts
+        plain_sum = torch.stack([sum(expert_out(layer, x[n], i) for i in range(E)) for n in range(5)])
+        torch.testing.assert_close(y[0] * E, plain_sum, rtol=1e-4, atol=1e-4)
+
+
+def test_plan_dispatch_groups_slots_by_expert():
+    experts = torch.tensor([[2, 0], [0, 1], [2, 1], [2, 0]])
+    plan = plan_dispatch(experts, 4)
+    assert plan.expert.tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert plan.token.tolist() == [0, 1, 3, 1, 2, 0, 2, 3]   # stable: token order kept inside a group
+    assert plan.counts.tolist() == [3, 2, 3, 0]
+    assert plan.offsets.tolist() == [3, 5, 8, 8]
+
+
+def test_routing_statistics_match_the_paper_definitions():
+    layer = make("aoe")
+    layer(torch.randn(2, 20, D))
+    s = routing_stats(layer.last_routing)
+    f = torch.tensor(s["load"])
+    assert f.sum().item() == pytest.approx(1.0)
+    assert s["ent_load"] == pytest.approx(-(f * f.clamp_min(1e-12).log()).sum().item(), rel=1e-5)
+    assert 0 < s["ent_load"] <= math.log(E) + 1e-6 and s["max_ent"] == pytest.approx(math.log(E))
+    p = layer.last_routing.probs
+    assert s["ent_conf"] == pytest.approx(-(p * p.log()).sum(-1).mean().item(), rel=1e-5)
+    # perfectly balanced routing: Ent_load = log E, CV = 0
+    experts = torch.arange(E * 2).view(E, 2) % E
+    even = routing_stats(Routing(torch.zeros(E, E), torch.full((E, E), 1 / E), torch.ones(E, 2), experts))
+    assert even["ent_load"] == pytest.approx(math.log(E)) and even["load_cv"] == pytest.approx(0.0)
+    assert even["ent_conf"] == pytest.approx(math.log(E))
