@@ -1,0 +1,133 @@
+"""Layer benchmark: forward + backward time of dense, router-MoE and AoE feed-forward layers.
+
+    python -m minimoe.bench                       # CPU defaults, a few (n_experts, top_k, d_low)
+    python -m minimoe.bench --device=cuda --dtype=bf16 --tokens=16384 --n_embd=768 --d_ffn=3072
+
+For each (E, K, d_low) it times, on the same N tokens:
+    moe       router MoE (Alg. 1)                              the reference row (ratio 1.00)
+    aoe=P     AoE with the MoE's total parameters (Eq. 5)      what the paper compares
+    aoe=F     AoE with the MoE's active FLOPs per token        d_wide shrunk to pay for W_down
+    dense     SwiGLU with the MoE's active FLOPs (d_ffn = K * expert width)
+each with "grouped" (torch._grouped_mm) and "loop" (one matmul per expert) dispatch.
+FLOPs/token = 6 * parameters one token touches (forward 2, backward 4). AoE's extra work over MoE
+is the W_down of the E-K unselected experts, 2*(E-K)*D*L forward FLOPs per token (PAPER_NOTES).
+"""
+
+import argparse
+from dataclasses import replace
+import statistics
+import time
+
+import torch
+
+from .aoe import AoE
+from .dense import DenseFFN
+from .dispatch import grouped_mm_available
+from .model import GPTConfig
+from .moe import MoE
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def d_wide_for_matched_flops(D: int, F: int, E: int, K: int, L: int) -> int:
+    """AoE width whose active parameters equal the MoE's: E*D*L + K*(L + 2D)*W = D*E + 3*K*D*F."""
+    W = (3 * K * D * F + D * E - E * D * L) / (K * (L + 2 * D))
+    return max(8, int(round(W / 8)) * 8)
+
+
+def time_layer(layer, x, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of one forward + backward (gradients w.r.t. input and weights)."""
+    def step():
+        y, aux = layer(x)
+        (y.float().square().mean() + aux).backward()
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_rows(D, F, E, K, L, tokens, device, dtype, repeats, dispatches):
+    base = GPTConfig(n_layer=1, n_head=1, n_embd=D, n_experts=E, top_k=K, d_ffn=F, d_low=L,
+                     aux_loss_coef=0.01)
+    variants = [
+        ("moe", MoE, replace(base, ffn="moe")),
+        ("aoe=P", AoE, replace(base, ffn="aoe")),
+        ("aoe=F", AoE, replace(base, ffn="aoe", d_wide=d_wide_for_matched_flops(D, F, E, K, L))),
+        ("dense", DenseFFN, replace(base, ffn="dense", d_ffn=K * F)),
+    ]
+    x = torch.randn(1, tokens, D, device=device, dtype=dtype, requires_grad=True)
+    rows = []
+    for name, cls, cfg in variants:
+        for dispatch in (dispatches if cls is not DenseFFN else ["-"]):
+            torch.manual_seed(0)
+            layer = cls(replace(cfg, dispatch=dispatch if dispatch != "-" else "loop")).to(device, dtype)
+            sec = time_layer(layer, x, repeats)
+            total = sum(p.numel() for p in layer.parameters())
+            active = layer.active_params()
+            rows.append(dict(E=E, K=K, L=L, kind=name, dispatch=dispatch, width=cfg.wide_dim if cls is AoE else cfg.ffn_dim,
+                             params=total, active=active, flops_tok=6 * active, ms=sec * 1e3,
+                             tok_s=tokens / sec))
+    ref = next(r for r in rows if r["kind"] == "moe" and r["dispatch"] == dispatches[0])
+    for r in rows:
+        r["vs_moe"] = ref["ms"] / r["ms"]   # > 1: faster than the MoE
+    return rows
+
+
+def format_table(rows) -> str:
+    head = "| E | K | d_low | layer | dispatch | hidden | params | active | FLOPs/tok | ms fwd+bwd | tok/s | speed vs moe |"
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        lines.append(f"| {r['E']} | {r['K']} | {r['L']} | {r['kind']} | {r['dispatch']} | {r['width']} | "
+                     f"{r['params'] / 1e6:.2f}M | {r['active'] / 1e6:.2f}M | {r['flops_tok'] / 1e6:.1f}M | "
+                     f"{r['ms']:.1f} | {r['tok_s']:,.0f} | {r['vs_moe']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per forward (B*T)")
+    p.add_argument("--n_embd", type=int, default=256)
+    p.add_argument("--d_ffn", type=int, default=512, help="hidden width of one MoE expert")
+    p.add_argument("--configs", default="8,2,32;8,2,88;16,2,88;8,4,88",
+                   help="semicolon-separated E,K,d_low triples")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    try:
+        configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]
+        assert all(len(c) == 3 for c in configs)
+    except (ValueError, AssertionError):
+        p.error(f"--configs={args.configs!r}: expected 'E,K,d_low' triples separated by ';', e.g. '8,2,64;16,4,64'")
+    grouped = grouped_mm_available(torch.device(args.device).type, dtype)
+    dispatches = ["grouped", "loop"] if grouped else ["loop"]
+    print(f"# minimoe.bench  device={args.device} dtype={args.dtype} tokens={args.tokens} n_embd={args.n_embd} "
+          f"d_ffn={args.d_ffn} threads={torch.get_num_threads()} torch={torch.__version__}"
+          + ("" if grouped else "  (torch._grouped_mm unavailable here: loop only)"))
+    all_rows = []
+    for E, K, L in configs:
+        try:
+            rows = bench_rows(args.n_embd, args.d_ffn, E, K, L, args.tokens, args.device, dtype, args.repeats, dispatches)
+        except ValueError as e:
+            p.error(f"config E={E},K={K},d_low={L}: {e}")
+        all_rows += rows
+    print(format_table(all_rows))
+    return all_rows
+
+
+if __name__ == "__main__":
+    main()

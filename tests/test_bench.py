@@ -1,0 +1,23 @@
+"""The layer benchmark runs and compares what it says it compares (no timing is asserted)."""
+
+import pytest
+
+from minimoe import bench
+
+
+def test_bench_matches_params_and_flops_and_prints_a_table(capsys):
+    rows = bench.main(["--tokens=64", "--n_embd=96", "--d_ffn=192", "--configs=4,2,32", "--repeats=1"])
+    out = capsys.readouterr().out
+    assert "| moe |" in out and "| aoe=P |" in out and "| dense |" in out
+    by = {(r["kind"], r["dispatch"]): r for r in rows}
+    moe, aoe_p, aoe_f, dense = (next(r for k, r in by.items() if k[0] == n) for n in ("moe", "aoe=P", "aoe=F", "dense"))
+    assert abs(aoe_p["params"] / moe["params"] - 1) < 0.03      # matched total parameters (Eq. 5)
+    assert abs(aoe_f["active"] / moe["active"] - 1) < 0.03      # matched active FLOPs
+    assert abs(dense["active"] / moe["active"] - 1) < 0.03      # dense = MoE's active size
+    assert aoe_p["active"] > moe["active"]                      # AoE pays for all experts' W_down
+    assert {d for _, d in by} >= {"loop"}
+
+
+def test_bench_rejects_a_malformed_config():
+    with pytest.raises(SystemExit):
+        bench.main(["--configs=8,2"])
