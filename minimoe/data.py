@@ -1,0 +1,471 @@
+"""Data layer: byte tokenizer, corpora, token shards and a deterministic batch sampler.
+
+Public API
+----------
+BYTE_VOCAB_SIZE = 256
+encode_bytes(text) -> np.ndarray[uint8]       UTF-8 bytes of `text`
+decode_bytes(tokens) -> str                   inverse (list / ndarray / tensor; bad UTF-8 -> U+FFFD)
+DataError(ValueError)                         every bad input raises this, with a hint on what to do
+
+Corpus(name, train, val, vocab_size, meta)    train/val are 1-D token arrays (ndarray, np.memmap or
+    .decode(tokens) -> str                    ShardedArray); uint8 for bytes, uint16 for GPT-2 BPE
+    .encode(text) -> np.ndarray
+default_cache_dir() -> Path                   $MINIMOE_CACHE, else ~/.cache/minimoe
+load_corpus(spec="stdlib", cache_dir=None, val_fraction=0.1, max_files=None) -> Corpus
+    "stdlib"       the .py sources of this Python's standard library (no download), cached
+    "shakespeare"  Tiny Shakespeare, downloaded once into the cache
+    PATH           a UTF-8 text file, a folder of text files, or a folder of shards from prepare.py
+  Train/val split: a folder (and stdlib) is split BY FILE: in sorted path order, file i is val iff
+  i % k == k-1 with k = round(1/val_fraction) (every 10th file for 0.1; the last file if that picks
+  none). A single file: the last val_fraction of its bytes. Shard folders keep prepare's split.
+  stdlib is cached in cache_dir/stdlib-<pyver>-<hash8>/{train.bin,val.bin,meta.json} and memmapped.
+
+write_shard(path, tokens) / read_shard(path) -> np.memmap    token file: a header of 256 int32
+                                              (magic 20251074, version 1, token count, dtype code
+                                              1=uint8 / 2=uint16), then the tokens; written atomically
+ShardedArray(shards)                          several shards viewed as one 1-D array, without copying
+
+BatchSampler(tokens, batch_size, block_size, seed=0, mode="random", rank=0, world_size=1)
+    .batch(i) -> (x, y)      int64 CPU tensors (batch_size, block_size), y = x shifted left by one.
+                             A pure function of (seed, i): "random" draws window starts from a
+                             generator seeded by (seed, i); "sequential" reads disjoint consecutive
+                             windows, batch i starting at token i*batch_size*block_size (wrapping
+                             after .n_windows = (len(tokens)-1)//block_size windows, i.e. one epoch).
+                             "random" samples with replacement (nanoGPT style), so windows can overlap.
+    next(sampler)            returns batch(counter * world_size + rank), then counter += 1
+    .state_dict() / .load_state_dict(d)   save/restore the counter to resume exactly
+
+How the training loop should use the sampler: call next() once per MICRO-step (each gradient
+accumulation step). With accumulation A, micro-step m of optimizer step s on rank r then reads
+global batch (s*A + m)*W + r. So the same global batches are seen by 1 process with A=W and by W
+processes with A=1: optimizer step s consumes global batches s*W ... s*W + W-1 in both cases.
+Batches are CPU tensors; move them with x.to(device, non_blocking=True).
+"""
+
+import hashlib
+import json
+import operator
+import os
+import sys
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BYTE_VOCAB_SIZE = 256
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+MIN_CORPUS_TOKENS = 100  # anything smaller is almost certainly the wrong file
+
+# shard file = 256 little-endian int32 header words, then the tokens
+SHARD_MAGIC = 20251074
+SHARD_VERSION = 1
+HEADER_WORDS = 256
+HEADER_BYTES = HEADER_WORDS * 4
+DTYPE_CODES = {1: np.dtype("<u1"), 2: np.dtype("<u2")}
+
+STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+
+
+class DataError(ValueError):
+    """Bad data input: the message says what was found, what is allowed and what to do."""
+
+
+# -----------------------------------------------------------------------------
+# byte tokenizer: token = one UTF-8 byte, so any text round-trips and vocab is 256
+
+def encode_bytes(text):
+    if not isinstance(text, str):
+        raise DataError(f"encode_bytes expects a str, got {type(text).__name__}; decode bytes first")
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
+
+
+def decode_bytes(tokens):
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.detach().cpu().numpy()
+    arr = np.asarray(tokens).reshape(-1)
+    if arr.size and (arr.min() < 0 or arr.max() >= BYTE_VOCAB_SIZE):
+        raise DataError(f"byte tokens must be in [0, {BYTE_VOCAB_SIZE}), got values in "
+                        f"[{arr.min()}, {arr.max()}]; is this a GPT-2 token sequence?")
+    return arr.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+# -----------------------------------------------------------------------------
+# shard files (shared with prepare.py)
+
+def _atomic_write(path, chunks):
+    # write to a temp file and rename: a crash never leaves a half-written file under `path`
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(path, tokens):
+    tokens = np.asarray(tokens)
+    codes = {dt: code for code, dt in DTYPE_CODES.items()}
+    if tokens.ndim != 1 or tokens.dtype not in codes:
+        raise DataError(f"write_shard({path}): tokens must be a 1-D uint8 or uint16 array, got "
+                        f"{tokens.ndim}-D {tokens.dtype}; convert with .astype(np.uint16) first")
+    if len(tokens) >= 2**31:
+        raise DataError(f"write_shard({path}): {len(tokens)} tokens do not fit the int32 header; "
+                        f"use smaller shards")
+    header = np.zeros(HEADER_WORDS, dtype="<i4")
+    header[:4] = [SHARD_MAGIC, SHARD_VERSION, len(tokens), codes[tokens.dtype]]
+    _atomic_write(path, [header.tobytes(), tokens.tobytes()])
+
+
+def read_shard(path):
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"shard {path} does not exist; run `python -m minimoe.prepare` to create it")
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise DataError(f"shard {path} is {size} bytes, smaller than the {HEADER_BYTES}-byte header; "
+                        f"it is truncated: delete it and re-run prepare")
+    magic, version, count, code = np.fromfile(path, dtype="<i4", count=4).tolist()
+    if magic != SHARD_MAGIC:
+        raise DataError(f"shard {path} has magic number {magic}, expected {SHARD_MAGIC}: "
+                        f"not a minimoe shard file")
+    if version != SHARD_VERSION:
+        raise DataError(f"shard {path} has format version {version}, expected {SHARD_VERSION}; "
+                        f"re-create it with this version of minimoe.prepare")
+    if code not in DTYPE_CODES or count < 0:
+        raise DataError(f"shard {path} has dtype code {code} / token count {count}; expected dtype "
+                        f"code in {sorted(DTYPE_CODES)} and count >= 0: the header is corrupt")
+    dtype = DTYPE_CODES[code]
+    expected = HEADER_BYTES + count * dtype.itemsize
+    if size != expected:
+        raise DataError(f"shard {path} is {size} bytes but its header says {count} tokens "
+                        f"({expected} bytes expected); it is truncated or corrupt: delete it and re-run prepare")
+    if count == 0:  # mmap cannot map zero bytes
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+class ShardedArray:
+    """Several 1-D token arrays viewed as one, without copying (e.g. 100 memmapped FineWeb shards).
+    Supports len(a), a[i], a[start:stop] (step 1) and np.asarray(a) (that one does copy)."""
+
+    def __init__(self, shards):
+        self.shards = list(shards)
+        self.dtype = self.shards[0].dtype
+        self.ends = np.cumsum([len(s) for s in self.shards])  # ends[k] = one past shard k's last token
+
+    def __len__(self):
+        return int(self.ends[-1])
+
+    @property
+    def shape(self):
+        return (len(self),)
+
+    def _locate(self, i):  # global index -> (shard, index inside that shard)
+        k = int(np.searchsorted(self.ends, i, side="right"))
+        return k, i - int(self.ends[k] - len(self.shards[k]))
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(len(self))
+            if step != 1:
+                raise DataError(f"ShardedArray only supports step-1 slices, got step {step}")
+            parts = []
+            while start < stop:
+                k, j = self._locate(start)
+                take = min(stop - start, len(self.shards[k]) - j)
+                parts.append(self.shards[k][j:j + take])
+                start += take
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
+        i = operator.index(idx)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for ShardedArray of length {len(self)}")
+        k, j = self._locate(i % len(self))  # i % len maps negative indices into range
+        return self.shards[k][j]
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.concatenate(self.shards)
+        return out if dtype is None else out.astype(dtype)
+
+
+# -----------------------------------------------------------------------------
+# corpora
+
+@dataclass
+class Corpus:
+    name: str
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int
+    meta: dict = field(default_factory=dict)
+
+    def _tiktoken(self):
+        try:
+            import tiktoken
+        except ImportError:
+            raise DataError(f"corpus {self.name!r} uses GPT-2 BPE tokens, which need tiktoken: "
+                            f"pip install tiktoken") from None
+        return tiktoken.get_encoding("gpt2")
+
+    def decode(self, tokens):
+        if self.vocab_size == BYTE_VOCAB_SIZE:
+            return decode_bytes(tokens)
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.detach().cpu().numpy()
+        return self._tiktoken().decode(np.asarray(tokens).reshape(-1).tolist())
+
+    def encode(self, text):
+        if self.vocab_size == BYTE_VOCAB_SIZE:
+            return encode_bytes(text)
+        return np.array(self._tiktoken().encode_ordinary(text), dtype=np.uint16)
+
+
+def default_cache_dir():
+    env = os.environ.get("MINIMOE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "minimoe"
+
+
+def load_corpus(spec="stdlib", cache_dir=None, val_fraction=0.1, max_files=None):
+    """Resolve `spec` ("stdlib", "shakespeare" or a path) to a Corpus; see the module docstring.
+    max_files keeps only the first N files of a stdlib/folder corpus (for quick tests)."""
+    if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must be a number strictly between 0 and 1, got {val_fraction!r}")
+    if max_files is not None and (not isinstance(max_files, int) or max_files < 1):
+        raise DataError(f"max_files must be a positive int or None, got {max_files!r}")
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if spec == "stdlib":
+        return _stdlib_corpus(cache_dir, val_fraction, max_files)
+    if spec == "shakespeare":
+        return _text_corpus("shakespeare", [_download_shakespeare(cache_dir)], val_fraction)
+    path = Path(str(spec)).expanduser()
+    if not path.exists():
+        raise DataError(f"data path {str(spec)!r} does not exist; pass 'stdlib', 'shakespeare', "
+                        f"a text file, a folder of text files, or a folder written by minimoe.prepare")
+    if path.is_dir() and (any(path.glob("train_*.bin")) or any(path.glob("val_*.bin"))):
+        return _shard_corpus(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+        if not files:
+            raise DataError(f"folder {path} contains no (non-hidden) files; point --data at text files")
+        return _text_corpus(path.resolve().name, files[:max_files], val_fraction, source=str(path))
+    return _text_corpus(path.stem, [path], val_fraction)
+
+
+def _hidden(rel):  # hidden files/folders and Python bytecode caches are never text data
+    return any(part.startswith(".") or part == "__pycache__" for part in rel.parts)
+
+
+def _is_val_file(i, val_fraction):
+    # deterministic split by file: every k-th file in sorted order goes to val (k=10 for 0.1)
+    k = max(2, round(1 / val_fraction))
+    return i % k == k - 1
+
+
+def _split_rule(val_fraction):
+    k = max(2, round(1 / val_fraction))
+    return f"by file: file i (0-based, in sorted path order) is val iff i % {k} == {k - 1}"
+
+
+def _check_split(name, train, val, fix):
+    for split, tokens in (("train", train), ("val", val)):
+        if len(tokens) < 2:
+            raise DataError(f"corpus {name!r} has {len(tokens)} {split} tokens (need at least 2); {fix}")
+
+
+def _stdlib_files(max_files):
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in STDLIB_SKIP_DIRS]  # prune: never descend there
+        rel = Path(dirpath).relative_to(root)
+        files += [(rel / f).as_posix() for f in filenames if f.endswith(".py")]
+    return root, sorted(files)[:max_files]
+
+
+def _stdlib_corpus(cache_dir, val_fraction, max_files):
+    root, files = _stdlib_files(max_files)
+    if not files:
+        raise DataError(f"found no .py files under the standard library at {root}; "
+                        f"use --data=PATH with a local text file instead")
+    # the cache key covers everything the content depends on, cheaply (names + sizes, not bytes)
+    key = hashlib.sha256(repr((str(root), val_fraction, [(f, (root / f).stat().st_size)
+                                                          for f in files])).encode()).hexdigest()
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    out = cache_dir / f"stdlib-{pyver}-{key[:8]}"
+    meta_path = out / "meta.json"
+    if meta_path.is_file():  # meta.json is written last, so if it exists the cache is complete
+        try:
+            return Corpus("stdlib", read_shard(out / "train.bin"), read_shard(out / "val.bin"),
+                          BYTE_VOCAB_SIZE, json.loads(meta_path.read_text()))
+        except (DataError, json.JSONDecodeError) as e:
+            print(f"stdlib cache at {out} is broken ({e}); rebuilding", file=sys.stderr)
+    meta = _build_stdlib(root, files, val_fraction, out)
+    return Corpus("stdlib", read_shard(out / "train.bin"), read_shard(out / "val.bin"), BYTE_VOCAB_SIZE, meta)
+
+
+def _build_stdlib(root, files, val_fraction, out):
+    t0 = time.time()
+    chunks = {"train": [], "val": []}
+    sha = hashlib.sha256()
+    for i, rel in enumerate(files):
+        # a short header line tells the model (and you, when reading samples) where a file starts
+        chunk = f"# file: {rel}\n".encode() + (root / rel).read_bytes()
+        sha.update(chunk)
+        chunks["val" if _is_val_file(i, val_fraction) else "train"].append(chunk)
+    train, val = (np.frombuffer(b"".join(chunks[s]), dtype=np.uint8) for s in ("train", "val"))
+    _check_split("stdlib", train, val, "use a smaller val_fraction or more files")
+    out.mkdir(parents=True, exist_ok=True)
+    write_shard(out / "train.bin", train)
+    write_shard(out / "val.bin", val)
+    meta = {"name": "stdlib", "tokenizer": "byte", "vocab_size": BYTE_VOCAB_SIZE,
+            "python_version": sys.version.split()[0], "stdlib_path": str(root),
+            "train_files": len(chunks["train"]), "val_files": len(chunks["val"]),
+            "train_tokens": len(train), "val_tokens": len(val), "total_bytes": len(train) + len(val),
+            "sha256": sha.hexdigest(), "split": _split_rule(val_fraction),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "build_seconds": round(time.time() - t0, 3)}
+    _atomic_write(out / "meta.json", [json.dumps(meta, indent=2).encode()])  # last: marks the cache complete
+    return meta
+
+
+def _download_shakespeare(cache_dir):
+    path = cache_dir / "shakespeare" / "input.txt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:
+                data = r.read()
+        except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors
+            raise DataError(f"downloading Tiny Shakespeare from {SHAKESPEARE_URL} failed ({e}); "
+                            f"if you are offline pass --data=PATH to a local text file instead") from None
+        _atomic_write(path, [data])
+    return path
+
+
+def _read_text_file(path):
+    data = Path(path).read_bytes()
+    # byte tokens can encode anything, but NULs or lots of invalid UTF-8 mean a non-text file
+    bad = data.decode("utf-8", errors="replace").count("\ufffd")
+    if b"\x00" in data or bad > 0.01 * len(data):
+        raise DataError(f"{path} looks binary (NUL bytes or {bad} invalid UTF-8 sequences in "
+                        f"{len(data)} bytes); only UTF-8 text is allowed: remove it or point at text files")
+    return data
+
+
+def _text_corpus(name, files, val_fraction, source=None):
+    texts = [(f, _read_text_file(f)) for f in files]
+    texts = [(f, d) for f, d in texts if d]  # empty files carry no text
+    total = sum(len(d) for _, d in texts)
+    where = source or str(files[0])
+    if total == 0:
+        raise DataError(f"{where} contains no text (empty file(s)); point --data at a non-empty text file")
+    if total < MIN_CORPUS_TOKENS:
+        raise DataError(f"{where} has only {total} bytes of text, need at least {MIN_CORPUS_TOKENS}; "
+                        f"use a larger text file")
+    if len(texts) >= 2:
+        train = b"".join(d for i, (_, d) in enumerate(texts) if not _is_val_file(i, val_fraction))
+        val = b"".join(d for i, (_, d) in enumerate(texts) if _is_val_file(i, val_fraction))
+        if not val:  # fewer than k files: hold out the last one
+            train, val = b"".join(d for _, d in texts[:-1]), texts[-1][1]
+        rule = _split_rule(val_fraction) + " (the last file if that selects none)"
+    else:
+        n_val = max(1, int(total * val_fraction))
+        train, val = texts[0][1][:-n_val], texts[0][1][-n_val:]
+        rule = f"last {val_fraction} of the bytes"
+    train, val = np.frombuffer(train, dtype=np.uint8), np.frombuffer(val, dtype=np.uint8)
+    _check_split(name, train, val, "use more text or a different val_fraction")
+    meta = {"name": name, "tokenizer": "byte", "vocab_size": BYTE_VOCAB_SIZE, "source": where,
+            "files": len(texts), "train_tokens": len(train), "val_tokens": len(val), "split": rule}
+    return Corpus(name, train, val, BYTE_VOCAB_SIZE, meta)
+
+
+def _shard_corpus(path):
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"{path} has shard files but no meta.json, so prepare did not finish; "
+                        f"re-run `python -m minimoe.prepare` with --out_dir={path} to complete it")
+    try:
+        meta = json.loads(meta_path.read_text())
+        vocab_size = int(meta["vocab_size"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{meta_path} is not a valid prepare meta.json ({e!r}); re-run prepare") from None
+    splits = {}
+    for split in ("train", "val"):
+        shards = [read_shard(p) for p in sorted(path.glob(f"{split}_*.bin"))]
+        if not shards or sum(len(s) for s in shards) < 2:
+            raise DataError(f"{path} has no {split} tokens ({split}_*.bin shards); re-run prepare "
+                            f"with a larger input or a different --val_fraction")
+        splits[split] = shards[0] if len(shards) == 1 else ShardedArray(shards)
+    return Corpus(meta.get("name", path.name), splits["train"], splits["val"], vocab_size, meta)
+
+
+# -----------------------------------------------------------------------------
+# batch sampler
+
+class BatchSampler:
+    """Deterministic (x, y) batches; batch(i) depends only on (seed, i). See the module docstring."""
+
+    def __init__(self, tokens, batch_size, block_size, seed=0, mode="random", rank=0, world_size=1):
+        for name, value, low in (("batch_size", batch_size, 1), ("block_size", block_size, 1),
+                                 ("seed", seed, 0), ("world_size", world_size, 1), ("rank", rank, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise DataError(f"BatchSampler {name} must be an int >= {low}, got {value!r}")
+        if rank >= world_size:
+            raise DataError(f"BatchSampler rank must be in [0, world_size={world_size}), got {rank}")
+        if mode not in ("random", "sequential"):
+            raise DataError(f"BatchSampler mode must be 'random' or 'sequential', got {mode!r}")
+        if len(tokens) <= block_size:
+            raise DataError(f"only {len(tokens)} tokens, but one window of block_size={block_size} "
+                            f"needs {block_size + 1}; use a smaller block_size or more data")
+        self.tokens, self.batch_size, self.block_size = tokens, batch_size, block_size
+        self.seed, self.mode, self.rank, self.world_size = seed, mode, rank, world_size
+        self.n_windows = (len(tokens) - 1) // block_size  # disjoint windows per sequential epoch
+        self.counter = 0  # micro-batches this rank has drawn so far
+
+    def starts(self, i):
+        """Token offsets of the batch_size windows of global batch i."""
+        B, T = self.batch_size, self.block_size
+        if self.mode == "random":
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + i) % 2**63)
+            return torch.randint(len(self.tokens) - T, (B,), generator=g).tolist()
+        return [((i * B + j) % self.n_windows) * T for j in range(B)]
+
+    def batch(self, i):
+        if not isinstance(i, (int, np.integer)) or i < 0:
+            raise DataError(f"batch index must be an int >= 0, got {i!r}")
+        T = self.block_size
+        rows = np.stack([np.asarray(self.tokens[s:s + T + 1], dtype=np.int64) for s in self.starts(i)])
+        return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        x, y = self.batch(self.counter * self.world_size + self.rank)
+        self.counter += 1
+        return x, y
+
+    next = __next__
+
+    def state_dict(self):
+        return {"counter": self.counter, "seed": self.seed, "mode": self.mode, "world_size": self.world_size,
+                "batch_size": self.batch_size, "block_size": self.block_size}
+
+    def load_state_dict(self, d):
+        for key in ("seed", "mode", "batch_size", "block_size"):
+            if key in d and d[key] != getattr(self, key):
+                raise DataError(f"sampler state has {key}={d[key]!r} but this sampler has "
+                                f"{getattr(self, key)!r}; resume with the same data settings")
+        if "counter" not in d:
+            raise DataError(f"sampler state needs a 'counter' entry, got keys {sorted(d)}")
+        # the counter is per rank; convert via the global index so a resume may change world_size
+        consumed = int(d["counter"]) * int(d.get("world_size", self.world_size))
+        if consumed % self.world_size:
+            raise DataError(f"cannot resume: {consumed} global batches consumed is not divisible "
+                            f"by world_size={self.world_size}")
+        self.counter = consumed // self.world_size
