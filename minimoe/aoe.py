@@ -55,7 +55,7 @@ class AoE(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         x = x.reshape(-1, D)                                # (N, D)
-        impl = resolve_impl(self.dispatch, x.device, x.dtype)
+        impl = resolve_impl(self.dispatch, x)
 
         # --- scoring: every expert computes its low-rank activation, ranked by its L2 norm ---
         a = (x @ self.w_down).view(-1, self.n_experts, self.d_low)   # (N, E, L) the cache C of Alg. 2

@@ -70,12 +70,18 @@ class DispatchPlan:
         return [0] + self.offsets.tolist()
 
 
+def count_per_expert(flat: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """How many slots each expert got, (E,) int64. Like bincount(minlength=E), but with a static
+    output shape, so torch.compile keeps the whole layer in one graph."""
+    return flat.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def plan_dispatch(experts: torch.Tensor, n_experts: int) -> DispatchPlan:
     """Sort the (N, K) expert choices into contiguous per-expert groups."""
     N, K = experts.shape
     flat = experts.reshape(-1)                                 # (S,)
     slot = torch.argsort(flat, stable=True)                    # (S,) stable: tokens keep their order
-    counts = torch.bincount(flat, minlength=n_experts)         # (E,)
+    counts = count_per_expert(flat, n_experts)                 # (E,)
     offsets = torch.cumsum(counts, dim=0).to(torch.int32)      # (E,)
     return DispatchPlan(token=slot // K, expert=flat[slot], slot=slot, counts=counts, offsets=offsets)
 
@@ -98,20 +104,33 @@ def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-def resolve_impl(impl: str, device, dtype) -> str:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: the autocast dtype when autocast is on, else x's own."""
+    t = x.device.type
+    return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else x.dtype
+
+
+def resolve_impl(impl: str, x: torch.Tensor) -> str:
+    """'auto' -> 'grouped' where torch._grouped_mm runs for x's device and compute dtype, else 'loop'.
+    Under torch.compile, 2.13's tracer accepts _grouped_mm in bf16 only, so fp32 takes the loop."""
     if impl not in DISPATCH_IMPLS:
         raise ValueError(f"dispatch={impl!r} is not one of {DISPATCH_IMPLS}")
     if impl == "auto":
-        return "grouped" if grouped_mm_available(torch.device(device).type, dtype) else "loop"
+        dtype = compute_dtype(x)
+        ok = grouped_mm_available(x.device.type, dtype)
+        if torch.compiler.is_compiling() and dtype != torch.bfloat16:
+            ok = False
+        return "grouped" if ok else "loop"
     return impl
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, plan: DispatchPlan, impl: str) -> torch.Tensor:
     """y[rows of group e] = x[rows of group e] @ w[e].   x (S, I), w (E, I, O) -> (S, O)."""
     if impl == "grouped":
-        # _grouped_mm is not autocast-aware: cast the weights to the activations' dtype ourselves.
+        # _grouped_mm is not autocast-aware: cast both operands to the compute dtype ourselves.
         # Its backward wants dense strides; .contiguous() is free when they already are.
-        return torch._grouped_mm(x.contiguous(), w.to(x.dtype), offs=plan.offsets)
+        dt = compute_dtype(x)
+        return torch._grouped_mm(x.to(dt).contiguous(), w.to(dt), offs=plan.offsets)
     # Reference path: one plain matmul per expert.
     b = plan.bounds
     return torch.cat([x[b[e]:b[e + 1]] @ w[e] for e in range(w.shape[0])], dim=0)
@@ -136,8 +155,7 @@ def swiglu_experts(x: torch.Tensor, g: torch.Tensor, w_p: torch.Tensor, w_o: tor
 
 def expert_fraction(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
     """f_i of Eq. 6: fraction of tokens that have expert i among their top-k. Sums to K.  (E,)"""
-    N = experts.shape[0]
-    return torch.bincount(experts.reshape(-1), minlength=n_experts).float() / N
+    return count_per_expert(experts.reshape(-1), n_experts).float() / experts.shape[0]
 
 
 def load_balance_loss(r: Routing) -> torch.Tensor:
@@ -170,7 +188,7 @@ def routing_stats(r: Routing) -> dict:
     load_cv:   coefficient of variation of the per-expert slot counts (0 = perfect balance)
     """
     E = r.probs.shape[-1]
-    counts = torch.bincount(r.experts.reshape(-1), minlength=E).float()
+    counts = count_per_expert(r.experts.reshape(-1), E).float()
     load = counts / counts.sum()
     ent_load = -(load * load.clamp_min(1e-12).log()).sum()
     p = r.probs.float()

@@ -40,7 +40,7 @@ class MoE(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         x = x.reshape(-1, D)                                # (N, D)
-        impl = resolve_impl(self.dispatch, x.device, x.dtype)
+        impl = resolve_impl(self.dispatch, x)
 
         # --- scoring: a separate linear router looks at x ---
         r = route(self.router(x), self.top_k, self.renormalize)   # scores (N, E) -> gates/experts (N, K)

@@ -180,3 +180,15 @@ def test_routing_statistics_match_the_paper_definitions():
     even = routing_stats(Routing(torch.zeros(E, E), torch.full((E, E), 1 / E), torch.ones(E, 2), experts))
     assert even["ent_load"] == pytest.approx(math.log(E)) and even["load_cv"] == pytest.approx(0.0)
     assert even["ent_conf"] == pytest.approx(math.log(E))
+
+
+@pytest.mark.parametrize("kind", ["moe", "aoe"])
+def test_grouped_and_loop_agree_under_bf16_autocast(kind):
+    # the grouped path casts to the autocast dtype itself (torch._grouped_mm is not autocast-aware)
+    fast, slow = make(kind, "grouped"), make(kind, "loop")
+    x = torch.randn(2, 16, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (y1, _), (y2, _) = fast(x), slow(x)
+    assert y1.dtype == y2.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.last_routing.experts, slow.last_routing.experts)
+    torch.testing.assert_close(y1.float(), y2.float(), rtol=2e-2, atol=2e-2 * y2.float().abs().max().item())
