@@ -49,6 +49,7 @@ class GPTConfig:
     dropout: float = 0.0
     rope_theta: float = 10000.0
     init_std: float = 0.02         # normal(0, 0.02) as in the paper
+    w_up_init_std: float | None = None  # AoE W_up init; None: 1/sqrt(d_low), see aoe.py (0.02 = the paper's)
 
     def __post_init__(self):
         def bad(name, allowed):
@@ -78,6 +79,8 @@ class GPTConfig:
             bad("dropout", "must be in [0, 1)")
         if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
             bad("aux_loss_coef" if self.aux_loss_coef < 0 else "z_loss_coef", "must be >= 0 (0 turns it off)")
+        if self.w_up_init_std is not None and not self.w_up_init_std > 0:
+            bad("w_up_init_std", "must be > 0, or None for 1/sqrt(d_low)")
         if self.dispatch not in DISPATCH_IMPLS:
             bad("dispatch", f"allowed values are {DISPATCH_IMPLS}")
 

@@ -192,3 +192,18 @@ def test_grouped_and_loop_agree_under_bf16_autocast(kind):
     assert y1.dtype == y2.dtype == torch.bfloat16
     torch.testing.assert_close(fast.last_routing.experts, slow.last_routing.experts)
     torch.testing.assert_close(y1.float(), y2.float(), rtol=2e-2, atol=2e-2 * y2.float().abs().max().item())
+
+
+def test_aoe_gate_preactivation_starts_at_the_scale_of_the_moe():
+    # w_up_init_std=None: x W_down W_up has the variance of the MoE's x W_g (aoe.py docstring)
+    kw = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=256, d_ffn=512, d_low=32, ffn="aoe")
+    torch.manual_seed(0)
+    x = torch.randn(4096, 256)
+    moe = MoE(GPTConfig(**{**kw, "ffn": "moe"}))
+    aoe, paper = AoE(GPTConfig(**kw)), AoE(GPTConfig(**kw, w_up_init_std=0.02))
+    with torch.no_grad():
+        g_moe = (x @ moe.w_g[0]).std().item()
+        g_aoe = ((x @ aoe.w_down[:, :32]) @ aoe.w_up[0]).std().item()
+        g_paper = ((x @ paper.w_down[:, :32]) @ paper.w_up[0]).std().item()
+    assert abs(g_aoe / g_moe - 1) < 0.1
+    assert g_paper / g_moe == pytest.approx(0.02 * 32 ** 0.5, rel=0.15)   # the paper's init: sqrt(L)/50
