@@ -1,0 +1,59 @@
+"""Peak throughput of common accelerators, for model FLOPs utilization (MFU).
+
+MFU = (training FLOPs per token x tokens per second) / the chip's peak FLOP/s  (PaLM, App. B).
+The peaks are the vendors' dense (no 2:4 sparsity) tensor-core numbers in bf16 with fp32
+accumulation, which is what bf16 autocast runs; chips without bf16 list their fp16 figure.
+A CPU has no entry: its "peak" depends on cores, clocks and vector units, so MFU is None there.
+"""
+
+import torch
+
+TFLOPS = 1e12
+
+PEAK_FLOPS = {                 # substring of torch.cuda.get_device_name() -> FLOP/s
+    "B200": 2250 * TFLOPS,
+    "H200": 989 * TFLOPS,      # same tensor cores as H100 SXM, more memory
+    "GH200": 989 * TFLOPS,
+    "H100 NVL": 835 * TFLOPS,
+    "H100 PCIe": 756 * TFLOPS,
+    "H100": 989 * TFLOPS,      # "NVIDIA H100 80GB HBM3" is the SXM part
+    "H800": 989 * TFLOPS,
+    "A100": 312 * TFLOPS,      # SXM and PCIe
+    "A800": 312 * TFLOPS,
+    "L40S": 362 * TFLOPS,
+    "L40": 181 * TFLOPS,
+    "L4": 121 * TFLOPS,
+    "A10G": 70 * TFLOPS,       # AWS part; not in NVIDIA's datasheets, commonly quoted figure
+    "A10": 125 * TFLOPS,
+    "RTX 6000 Ada": 364 * TFLOPS,
+    "RTX A6000": 155 * TFLOPS,
+    "RTX 4090": 165 * TFLOPS,  # GeForce: fp32 accumulation runs at half the fp16-accumulate rate
+    "RTX 3090": 71 * TFLOPS,
+    "V100": 125 * TFLOPS,      # fp16 (no bf16 on Volta)
+    "T4": 65 * TFLOPS,         # fp16 (no bf16 on Turing)
+    "MI300X": 1307 * TFLOPS,   # AMD (ROCm reports the name through torch.cuda)
+    "MI250X": 383 * TFLOPS,
+}
+
+
+def peak_flops_for_name(name: str) -> float | None:
+    """Longest table key contained in `name` (so "A100" wins over "A10", "H100 PCIe" over "H100")."""
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if key.lower() in name.lower():
+            return PEAK_FLOPS[key]
+    return None
+
+
+def peak_flops(device) -> float | None:
+    """Peak bf16 FLOP/s of a CUDA device, or None (CPU, MPS, or a GPU not in the table)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return peak_flops_for_name(torch.cuda.get_device_name(device))
+
+
+def mfu(flops_per_token: float, tokens_per_sec: float, peak: float | None) -> float | None:
+    """Fraction of the peak that the training run achieves (0..1), or None without a peak."""
+    if not peak or not tokens_per_sec:
+        return None
+    return flops_per_token * tokens_per_sec / peak
