@@ -1,0 +1,169 @@
+"""The notebooks: committed with their outputs, and they run top to bottom, headless, without error.
+
+Executing them trains two small models (shared by the three notebooks through a cache in a temporary
+folder), so this is the slowest file of the suite: about 3-4 minutes on two CPU cores. The
+notebooks run in a temporary working directory, so the figures they export never overwrite the
+committed ones in notebooks/figures/.
+"""
+
+import ast
+import os
+from pathlib import Path
+import re
+
+import nbformat
+from nbclient import NotebookClient
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NB_DIR = ROOT / "notebooks"
+NOTEBOOKS = ["01_low_rank_factorization", "02_norm_ranking", "03_router_vs_autonomy"]
+# What a notebook may import: minimoe, the numeric/plotting stack and the standard library.
+ALLOWED_IMPORTS = {"minimoe", "torch", "numpy", "matplotlib", "IPython", "copy", "math", "sys", "pathlib",
+                   "tempfile"}
+
+
+def read(name):
+    return nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4)
+
+
+def code_of(nb):
+    return "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+
+
+def text_of(nb):
+    """All stream output of the notebook, in order."""
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                   if o.output_type == "stream")
+
+
+def images_of(nb):
+    return sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+# --------------------------------------------------------------------------- the committed files
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_with_outputs_and_no_errors(name):
+    path = NB_DIR / f"{name}.ipynb"
+    assert path.stat().st_size < 1_000_000, f"{path} is {path.stat().st_size} bytes; keep figures small"
+    nb = read(name)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.execution_count is not None for c in code), "commit the notebook executed"
+    counts = [c.execution_count for c in code]
+    assert counts == list(range(1, len(code) + 1)), f"cells were not run once, top to bottom: {counts}"
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert images_of(nb) >= 2
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebooks_import_minimoe_and_copy_no_model_code(name):
+    tree = ast.parse(code_of(read(name)))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= ALLOWED_IMPORTS, imported - ALLOWED_IMPORTS
+    assert "minimoe" in imported
+    classes = [node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)]
+    assert not classes, f"notebooks define no classes (model code lives in minimoe): {classes}"
+
+
+def test_notebooks_share_their_runs():
+    """The three notebooks train with the same settings, so the cache trains each model once."""
+    settings = []
+    for name in NOTEBOOKS:
+        code = code_of(read(name))
+        tiny = re.search(r"^TINY = .*$", code, re.M)
+        run = re.search(r"^RUN = TrainConfig\((.*?)\)$", code, re.M | re.S)
+        assert tiny and run, name
+        settings.append((tiny.group(0), " ".join(run.group(1).split())))
+    assert settings[0] == settings[1] == settings[2]
+
+
+@pytest.mark.parametrize("name,figure", [("01_low_rank_factorization", "01_spectrum.png"),
+                                         ("02_norm_ranking", "02_norm_ranking.png"),
+                                         ("03_router_vs_autonomy", "03_bytes_by_expert.png")])
+def test_readme_figures_exist(name, figure):
+    path = NB_DIR / "figures" / figure
+    assert path.is_file() and path.stat().st_size < 300_000
+    assert f'FIG_DIR / "{figure}"' in code_of(read(name))
+
+
+# --------------------------------------------------------------------------- executing them
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A working directory and a model cache shared by the three executions."""
+    return tmp_path_factory.mktemp("notebooks")
+
+
+@pytest.fixture(scope="module")
+def run_notebook(workdir):
+    env = {"MINIMOE_CACHE": str(workdir / "cache"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)                       # the kernel inherits this process's environment
+    executed = {}
+
+    def run(name):
+        if name not in executed:
+            nb = read(name)
+            for c in nb.cells:
+                if c.cell_type == "code":
+                    c.outputs, c.execution_count = [], None
+            NotebookClient(nb, timeout=600, kernel_name="python3",
+                           resources={"metadata": {"path": str(workdir)}}).execute()
+            executed[name] = nb
+        return executed[name]
+
+    yield run
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_01_low_rank_factorization_runs(run_notebook, workdir):
+    nb = run_notebook("01_low_rank_factorization")
+    out = text_of(nb)
+    for check in ("U^T U = I: True | V^T V = I: True", "U diag(s) V^T == W: True",
+                  "sum of rank-1 pieces == W: True", "W_down @ W_up == truncated SVD: True",
+                  "||x U_r S_r|| == ||x W_r||: True"):
+        assert check in out, check
+    # Eckart-Young, as printed: the SVD's error is the formula's and no other rank-r matrix beats it
+    errors = dict(re.findall(r"^(.+?)\s+(?:rank\s+\d+\s+)?relative error (\d\.\d+)$", out, re.M))
+    svd, formula = float(errors["truncated SVD (top r)"]), float(errors["formula sqrt(1 - energy(r))"])
+    assert svd == formula
+    assert all(float(v) >= svd for v in errors.values())
+    assert "4392" in out and "3264" in out                   # Eq. 5's d_wide at the paper's scale
+    assert images_of(nb) >= 2 and (workdir / "figures" / "01_spectrum.png").is_file()
+
+
+def test_02_norm_ranking_runs(run_notebook, workdir):
+    nb = run_notebook("02_norm_ranking")
+    out = text_of(nb)
+    assert "matches minimoe's AoE layer: True" in out
+    assert "same experts as minimoe chose: True" in out
+    logged = re.search(r"router val loss (\d+\.\d+); the run logged (\d+\.\d+)", out)
+    assert logged and logged.group(1) == logged.group(2)
+    rows = re.findall(r"^(router \(trained\)|random experts|L\S+ norm of .+?)\s+(\d+\.\d+)\s+(-?\d+)%"
+                      r"\s+(\d\.\d\d)\s+(\d\.\d\d)\s+(\d\.\d\d)\s+(\d\.\d\d)$", out, re.M)
+    assert len(rows) == 15, rows
+    router = rows[0]
+    assert router[0] == "router (trained)" and router[2] == "100" and router[3:6] == ("1.00",) * 3
+    assert (workdir / "figures" / "02_norm_ranking.png").is_file()
+
+
+def test_03_router_vs_autonomy_runs(run_notebook, workdir):
+    nb = run_notebook("03_router_vs_autonomy")
+    out = text_of(nb)
+    losses = dict(re.findall(r"^(MoE.+?|AoE.+?)\s{2,}(\d+\.\d{4})$", out, re.M))
+    assert len(losses) == 6, losses
+    converted = float(losses["MoE -> AoE by SVD, d_low=24, no training"])
+    tuned = float(losses["MoE -> AoE d_low=24 + 100 steps"])
+    assert tuned < converted                                  # fine-tuning recovers from the conversion
+    assert images_of(nb) >= 5 and (workdir / "figures" / "03_bytes_by_expert.png").is_file()
