@@ -34,6 +34,7 @@ from minimoe.data import load_corpus
 from minimoe.model import GPT, GPTConfig
 from minimoe.plots import plot_expert_load, plot_losses, plot_routing_entropy, read_log
 from minimoe.train import TrainConfig, TrainingDiverged, parse_overrides, resolve_device, train
+from minimoe.variants import variant_config
 
 KINDS = ("dense", "moe", "aoe")
 
@@ -64,9 +65,7 @@ def small_train_config() -> TrainConfig:
 
 def model_config_for(kind: str, base: GPTConfig) -> GPTConfig:
     """MoE and AoE at equal total parameters; dense as wide as top_k experts (= MoE's active params)."""
-    if kind == "dense":
-        return replace(base, ffn="dense", d_ffn=base.top_k * base.ffn_dim)
-    return replace(base, ffn=kind)
+    return variant_config(kind, base)
 
 
 def auto_threads() -> int:
