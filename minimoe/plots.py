@@ -160,3 +160,119 @@ def plot_routing_entropy(logs: dict, path, title: str | None = None) -> bool:
     fig.suptitle(title or "Routing statistics on the val batches")
     fig.savefig(path, dpi=120)
     return True
+
+
+# --------------------------------------------------------------------------- study summaries
+# The functions below draw minimoe.study's summary rows: one dict per (variant, budget) with
+# "val_loss": [mean, ci95], "diff": [mean, ci95] (paired, to the baseline), "tokens", "train_s",
+# "train_flops" and "layers" (per-layer "ent_load"/"ent_conf" as [mean, ci95]). A ci of None
+# (a single seed) draws no error bar.
+
+def _err(ci):
+    return 0.0 if ci is None else ci
+
+
+def _by_variant(rows):
+    out = {}
+    for r in rows:
+        out.setdefault(r["variant"], []).append(r)
+    return {v: sorted(rs, key=lambda r: r["tokens"]) for v, rs in out.items()}
+
+
+def plot_final_losses(rows: list[dict], path, title: str | None = None) -> None:
+    """Final val loss per variant with 95% CI bars, against training tokens (one point per budget)."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    groups = _by_variant(rows)
+    for i, (v, rs) in enumerate(groups.items()):
+        shift = 1 + 0.03 * (i - (len(groups) - 1) / 2)                 # side by side, not on top
+        ax.errorbar([r["tokens"] * shift for r in rs], [r["val_loss"][0] for r in rs],
+                    yerr=[_err(r["val_loss"][1]) for r in rs], fmt="-o", ms=4, capsize=4, color=_color(v, i),
+                    label=f"{v} (n={len(rs[-1]['seeds'])})")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens (each budget is its own run)")
+    ax.set_ylabel("final validation loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.suptitle(title or "Final validation loss, mean ± 95% CI over seeds")
+    fig.savefig(path, dpi=120)
+
+
+def plot_paired_differences(rows: list[dict], baseline: str, path, title: str | None = None) -> bool:
+    """Per-seed difference to `baseline` (negative = better), mean with its 95% CI, per variant and
+    budget; the zero line is the baseline. False (nothing written) when no row has a difference."""
+    rows = [r for r in rows if r["diff"][0] is not None]
+    if not rows:
+        return False
+    budgets = sorted({r["tokens"] for r in rows})
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    fig = Figure(figsize=(1.2 + 1.1 * len(names) * len(budgets), 4.5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(budgets)
+    for j, tokens in enumerate(budgets):
+        for i, v in enumerate(names):
+            r = next((r for r in rows if r["variant"] == v and r["tokens"] == tokens), None)
+            if r is None:
+                continue
+            x = i + (j - (len(budgets) - 1) / 2) * width
+            ax.bar(x, r["diff"][0], width * 0.9, color=_color(v, i), alpha=0.35 + 0.65 * (j + 1) / len(budgets))
+            ax.errorbar(x, r["diff"][0], yerr=_err(r["diff"][1]), color="k", capsize=4)
+            ax.annotate(EngFormatter()(tokens), (x, 0), ha="center", va="bottom", fontsize=7, rotation=90)
+    ax.axhline(0, color="k", lw=1)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel(f"val loss − {baseline}'s, same seed (nats)")
+    ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title or f"Paired difference to {baseline}, mean ± 95% CI (below 0: better than {baseline})")
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def plot_entropy_per_layer(rows: list[dict], path, title: str | None = None) -> bool:
+    """Final Ent_load (Eq. 7) and Ent_conf (Eq. 8) of each expert layer, mean ± 95% CI over seeds,
+    one bar per variant with experts. False (nothing written) when no variant routes."""
+    rows = [r for r in rows if r.get("layers")]
+    if not rows:
+        return False
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        xs = np.arange(len(r["layers"])) + (i - (len(rows) - 1) / 2) * width
+        for ax, key in zip(axes, ("ent_load", "ent_conf")):
+            ax.bar(xs, [layer[key][0] for layer in r["layers"]], width * 0.9, color=_color(r["variant"], i),
+                   yerr=[_err(layer[key][1]) for layer in r["layers"]], capsize=3, label=r["variant"])
+    max_ent = rows[0]["layers"][0].get("max_ent")
+    for ax, what in zip(axes, ("Ent_load (Eq. 7): balance over experts", "Ent_conf (Eq. 8): per-token doubt")):
+        if max_ent:
+            ax.axhline(max_ent, ls="--", color="k", lw=1, label=f"log n = {max_ent:.2f}")
+        ax.set_xticks(range(len(rows[0]["layers"])), [str(layer["layer"]) for layer in rows[0]["layers"]])
+        ax.set_xlabel("layer")
+        ax.set_ylabel("entropy (nats)")
+        ax.set_title(what, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=9)
+    fig.suptitle(title or "Routing entropy per layer at the end of training, mean ± 95% CI")
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def plot_loss_vs_cost(rows: list[dict], path, title: str | None = None) -> None:
+    """Final val loss (mean ± 95% CI) against two costs: training FLOPs (counted) and training
+    seconds (measured on this machine). Lower-left is better; equal x is a compute-matched view."""
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for i, (v, rs) in enumerate(_by_variant(rows).items()):
+        for ax, key in zip(axes, ("train_flops", "train_s")):
+            x = [r[key][0] if isinstance(r[key], (list, tuple)) else r[key] for r in rs]
+            ax.errorbar(x, [r["val_loss"][0] for r in rs], yerr=[_err(r["val_loss"][1]) for r in rs],
+                        fmt="-o", ms=4, capsize=4, color=_color(v, i), label=v)
+    for ax, what in zip(axes, ("training FLOPs (6 x active params + attention, per token)",
+                               "training seconds (measured, evaluation excluded)")):
+        ax.set_xscale("log")
+        ax.set_xlabel(what)
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.set_ylabel("final validation loss (nats / token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9)
+    fig.suptitle(title or "Final validation loss vs training cost")
+    fig.savefig(path, dpi=120)
