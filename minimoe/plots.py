@@ -172,28 +172,49 @@ def _err(ci):
     return 0.0 if ci is None else ci
 
 
-def _by_variant(rows):
+def _by_variant(rows):  # {variant: its rows by tokens}
     out = {}
     for r in rows:
         out.setdefault(r["variant"], []).append(r)
     return {v: sorted(rs, key=lambda r: r["tokens"]) for v, rs in out.items()}
 
 
+def _grouped(rows):
+    """Categorical x positions: one tick per variant, its budgets side by side (lightest = fewest
+    tokens). Yields (x, row, color, alpha) and returns the tick labels."""
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    budgets = sorted({r["tokens"] for r in rows})
+    width = 0.8 / len(budgets)
+    placed = []
+    for i, v in enumerate(names):
+        for j, tokens in enumerate(budgets):
+            r = next((r for r in rows if r["variant"] == v and r["tokens"] == tokens), None)
+            if r is not None:
+                placed.append((i + (j - (len(budgets) - 1) / 2) * width, r, _color(v, i),
+                               0.35 + 0.65 * (j + 1) / len(budgets), width))
+    return placed, names, budgets
+
+
+def _budget_note(budgets):
+    return "bars per variant, left to right: " + ", ".join(EngFormatter()(t) for t in budgets) + " tokens" \
+        if len(budgets) > 1 else f"{EngFormatter()(budgets[0])} tokens"
+
+
 def plot_final_losses(rows: list[dict], path, title: str | None = None) -> None:
-    """Final val loss per variant with 95% CI bars, against training tokens (one point per budget)."""
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    """Final val loss per variant (and budget) with 95% CI bars over seeds."""
+    placed, names, budgets = _grouped(rows)
+    fig = Figure(figsize=(max(6.0, 1.2 + 1.1 * len(placed)), 4.5), layout="constrained")
     ax = fig.subplots()
-    groups = _by_variant(rows)
-    for i, (v, rs) in enumerate(groups.items()):
-        shift = 1 + 0.03 * (i - (len(groups) - 1) / 2)                 # side by side, not on top
-        ax.errorbar([r["tokens"] * shift for r in rs], [r["val_loss"][0] for r in rs],
-                    yerr=[_err(r["val_loss"][1]) for r in rs], fmt="-o", ms=4, capsize=4, color=_color(v, i),
-                    label=f"{v} (n={len(rs[-1]['seeds'])})")
-    ax.set_xscale("log")
-    ax.set_xlabel("training tokens (each budget is its own run)")
+    for x, r, color, alpha, _ in placed:
+        ax.errorbar(x, r["val_loss"][0], yerr=_err(r["val_loss"][1]), fmt="o", ms=7, capsize=5, color=color,
+                    alpha=alpha)
+        ax.annotate(f"{r['val_loss'][0]:.4f}\nn={len(r['seeds'])}", (x, r["val_loss"][0]), xytext=(8, 0),
+                    textcoords="offset points", va="center", fontsize=8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_xlim(-0.6, len(names) - 0.2)
+    ax.set_xlabel(_budget_note(budgets))
     ax.set_ylabel("final validation loss (nats / token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
     fig.suptitle(title or "Final validation loss, mean ± 95% CI over seeds")
     fig.savefig(path, dpi=120)
 
@@ -204,22 +225,15 @@ def plot_paired_differences(rows: list[dict], baseline: str, path, title: str | 
     rows = [r for r in rows if r["diff"][0] is not None]
     if not rows:
         return False
-    budgets = sorted({r["tokens"] for r in rows})
-    names = list(dict.fromkeys(r["variant"] for r in rows))
-    fig = Figure(figsize=(1.2 + 1.1 * len(names) * len(budgets), 4.5), layout="constrained")
+    placed, names, budgets = _grouped(rows)
+    fig = Figure(figsize=(max(6.0, 1.2 + 1.1 * len(placed)), 4.5), layout="constrained")
     ax = fig.subplots()
-    width = 0.8 / len(budgets)
-    for j, tokens in enumerate(budgets):
-        for i, v in enumerate(names):
-            r = next((r for r in rows if r["variant"] == v and r["tokens"] == tokens), None)
-            if r is None:
-                continue
-            x = i + (j - (len(budgets) - 1) / 2) * width
-            ax.bar(x, r["diff"][0], width * 0.9, color=_color(v, i), alpha=0.35 + 0.65 * (j + 1) / len(budgets))
-            ax.errorbar(x, r["diff"][0], yerr=_err(r["diff"][1]), color="k", capsize=4)
-            ax.annotate(EngFormatter()(tokens), (x, 0), ha="center", va="bottom", fontsize=7, rotation=90)
+    for x, r, color, alpha, width in placed:
+        ax.bar(x, r["diff"][0], width * 0.9, color=color, alpha=alpha)
+        ax.errorbar(x, r["diff"][0], yerr=_err(r["diff"][1]), color="k", capsize=4)
     ax.axhline(0, color="k", lw=1)
     ax.set_xticks(range(len(names)), names)
+    ax.set_xlabel(_budget_note(budgets))
     ax.set_ylabel(f"val loss − {baseline}'s, same seed (nats)")
     ax.grid(alpha=0.3, axis="y")
     fig.suptitle(title or f"Paired difference to {baseline}, mean ± 95% CI (below 0: better than {baseline})")
@@ -261,14 +275,18 @@ def plot_loss_vs_cost(rows: list[dict], path, title: str | None = None) -> None:
     seconds (measured on this machine). Lower-left is better; equal x is a compute-matched view."""
     fig = Figure(figsize=(12, 4.5), layout="constrained")
     axes = fig.subplots(1, 2)
+    spans = {}
     for i, (v, rs) in enumerate(_by_variant(rows).items()):
         for ax, key in zip(axes, ("train_flops", "train_s")):
             x = [r[key][0] if isinstance(r[key], (list, tuple)) else r[key] for r in rs]
+            spans.setdefault(key, []).extend(x)
             ax.errorbar(x, [r["val_loss"][0] for r in rs], yerr=[_err(r["val_loss"][1]) for r in rs],
                         fmt="-o", ms=4, capsize=4, color=_color(v, i), label=v)
-    for ax, what in zip(axes, ("training FLOPs (6 x active params + attention, per token)",
-                               "training seconds (measured, evaluation excluded)")):
-        ax.set_xscale("log")
+    for ax, key, what in zip(axes, ("train_flops", "train_s"),
+                             ("training FLOPs (6 x active params + attention, per token)",
+                              "training seconds (measured, evaluation excluded)")):
+        if max(spans[key]) > 10 * min(spans[key]) > 0:      # budgets a decade apart: log scale
+            ax.set_xscale("log")
         ax.set_xlabel(what)
         ax.xaxis.set_major_formatter(EngFormatter())
         ax.set_ylabel("final validation loss (nats / token)")

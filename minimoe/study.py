@@ -1,6 +1,6 @@
 """Named studies: model variants x seeds x token budgets, paired statistics, resumable.
 
-    python -m minimoe.study                         # "laptop": dense / moe / aoe, 5 seeds (~15 min, 2 cores)
+    python -m minimoe.study                         # "laptop": dense / moe / aoe, 5 seeds (~13 min, 2 cores)
     python -m minimoe.study overnight --max_runs=20 # hours on a CPU; run it in chunks, it resumes
     python -m minimoe.study gpu                     # the same question at 6 x 384 on CUDA
     python -m minimoe.study laptop --variants=moe,aoe --seeds=1,2,3 --budgets=750,1500
@@ -200,13 +200,15 @@ def studies() -> dict[str, Study]:
     gpu_model = GPTConfig(vocab_size=256, block_size=256, n_layer=6, n_head=6, n_embd=384, ffn="moe",
                           n_experts=8, top_k=2, d_ffn=768)
     return {
-        "laptop": Study("the train_small regime, dense/moe/aoe x 5 seeds x 3.1M tokens (~15 min on 2 cores)",
+        "laptop": Study("the train_small regime, dense/moe/aoe x 5 seeds x 3.1M tokens (~13 min on 2 cores)",
                         laptop_model(), laptop_train()),
-        "overnight": Study("every variant, 6 seeds, 1.5k/3k/6k steps, lr tuned alike on seed 0 (~7 h, 2 cores)",
+        "overnight": Study("every variant x 6 seeds x 1.5k/3k/6k steps, lr tuned alike on seed 0 "
+                           "(~6 min per variant and seed on 2 cores; 9 seeds' worth with the tuning)",
                            laptop_model(), replace(laptop_train(), out_dir="out-study/overnight"),
                            StudyConfig(variants="all", seeds="1,2,3,4,5,6", budgets="1500,3000,6000",
                                        tune="learning_rate=1e-3,2e-3,4e-3")),
-        "gpu": Study("6 x 384 on CUDA, bf16, 3000 steps x 64 x 256 = 49M tokens per run, dense/moe/aoe x 3 seeds",
+        "gpu": Study("6 x 384 on CUDA, bf16, 3000 steps x 64 x 256 = 49M tokens per run, dense/moe/aoe x 3 seeds "
+                     "(stdlib bytes: ~4.7 passes; --data=a prepare.py folder for fresh tokens)",
                      gpu_model, TrainConfig(out_dir="out-study/gpu", device="cuda", dtype="bfloat16",
                                             max_iters=3000, eval_interval=250, eval_iters=40, log_interval=50,
                                             batch_size=64, learning_rate=1e-3, min_lr=1e-4, warmup_iters=150,
