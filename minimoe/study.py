@@ -418,6 +418,7 @@ def parse(argv) -> tuple[str, GPTConfig, TrainConfig, StudyConfig, set]:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     name, base, cfg, grid, given = parse(argv)
+    device = resolve_device(cfg.device)          # no CUDA for the gpu study: say so before any work
     corpus = load_corpus(cfg.data)
     if "vocab_size" not in given and base.vocab_size < corpus.vocab_size:
         base = replace(base, vocab_size=-(-corpus.vocab_size // 64) * 64)    # BPE: pad to a multiple of 64
@@ -484,7 +485,6 @@ def main(argv=None) -> int:
     reported = [results[r.key] for r in main_runs if r.key in results]
     rows = summarize(reported, variants, budgets, grid.baseline)
     done = len(tune_results) + len(reported)
-    device = resolve_device(cfg.device)
     table = results_table(rows, grid.baseline) if rows else "(no reported run has finished yet)"
     report = [f"# Study `{name}`\n", f"`{command}`\n",
               f"- {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {describe_machine(device)}; device {device}",

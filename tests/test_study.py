@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import test_train_small
 from test_train_small import cache, data  # noqa: F401 (fixtures)
@@ -204,6 +205,13 @@ def test_bad_inputs_raise_one_line_errors(tmp_path, args, match):
     with pytest.raises(ValueError, match=match) as e:
         study.main([*args, f"--out_dir={tmp_path}"] if args[0].startswith("--") else args)
     assert "\n" not in str(e.value)
+
+
+def test_gpu_study_without_cuda_says_so_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"TrainConfig.device='cuda' is invalid: CUDA is not available here"):
+        study.main(["gpu", f"--out_dir={tmp_path / 'g'}", "--data=/no/such/corpus"])   # before the corpus
+    assert not (tmp_path / "g").exists()
 
 
 def test_command_line_help_and_errors():
