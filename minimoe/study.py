@@ -449,8 +449,9 @@ def main(argv=None) -> int:
     def do(run: Run) -> bool:
         """Train `run` unless it is done; False when the study must stop (max_runs, a signal)."""
         nonlocal new, stopped
-        if run.key in results or (r := load_result(run)) is not None:
-            results[run.key] = results.get(run.key) or r
+        if run.key not in results and (r := load_result(run)) is not None:
+            results[run.key] = r                  # finished by an earlier invocation: skip it
+        if run.key in results:
             bar.update(1)
             return True
         if grid.max_runs and new >= grid.max_runs:
