@@ -160,3 +160,137 @@ def plot_routing_entropy(logs: dict, path, title: str | None = None) -> bool:
     fig.suptitle(title or "Routing statistics on the val batches")
     fig.savefig(path, dpi=120)
     return True
+
+
+# --------------------------------------------------------------------------- study summaries
+# The functions below draw minimoe.study's summary rows: one dict per (variant, budget) with
+# "val_loss": [mean, ci95], "diff": [mean, ci95] (paired, to the baseline), "tokens", "train_s",
+# "train_flops" and "layers" (per-layer "ent_load"/"ent_conf" as [mean, ci95]). A ci of None
+# (a single seed) draws no error bar.
+
+def _err(ci):
+    return 0.0 if ci is None else ci
+
+
+def _by_variant(rows):  # {variant: its rows by tokens}
+    out = {}
+    for r in rows:
+        out.setdefault(r["variant"], []).append(r)
+    return {v: sorted(rs, key=lambda r: r["tokens"]) for v, rs in out.items()}
+
+
+def _grouped(rows):
+    """Categorical x positions: one tick per variant, its budgets side by side (lightest = fewest
+    tokens). Yields (x, row, color, alpha) and returns the tick labels."""
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    budgets = sorted({r["tokens"] for r in rows})
+    width = 0.8 / len(budgets)
+    placed = []
+    for i, v in enumerate(names):
+        for j, tokens in enumerate(budgets):
+            r = next((r for r in rows if r["variant"] == v and r["tokens"] == tokens), None)
+            if r is not None:
+                placed.append((i + (j - (len(budgets) - 1) / 2) * width, r, _color(v, i),
+                               0.35 + 0.65 * (j + 1) / len(budgets), width))
+    return placed, names, budgets
+
+
+def _budget_note(budgets):
+    return "bars per variant, left to right: " + ", ".join(EngFormatter()(t) for t in budgets) + " tokens" \
+        if len(budgets) > 1 else f"{EngFormatter()(budgets[0])} tokens"
+
+
+def plot_final_losses(rows: list[dict], path, title: str | None = None) -> None:
+    """Final val loss per variant (and budget) with 95% CI bars over seeds."""
+    placed, names, budgets = _grouped(rows)
+    fig = Figure(figsize=(max(6.0, 1.2 + 1.1 * len(placed)), 4.5), layout="constrained")
+    ax = fig.subplots()
+    for x, r, color, alpha, _ in placed:
+        ax.errorbar(x, r["val_loss"][0], yerr=_err(r["val_loss"][1]), fmt="o", ms=7, capsize=5, color=color,
+                    alpha=alpha)
+        ax.annotate(f"{r['val_loss'][0]:.4f}\nn={len(r['seeds'])}", (x, r["val_loss"][0]), xytext=(8, 0),
+                    textcoords="offset points", va="center", fontsize=8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_xlim(-0.6, len(names) - 0.2)
+    ax.set_xlabel(_budget_note(budgets))
+    ax.set_ylabel("final validation loss (nats / token)")
+    ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title or "Final validation loss, mean ± 95% CI over seeds")
+    fig.savefig(path, dpi=120)
+
+
+def plot_paired_differences(rows: list[dict], baseline: str, path, title: str | None = None) -> bool:
+    """Per-seed difference to `baseline` (negative = better), mean with its 95% CI, per variant and
+    budget; the zero line is the baseline. False (nothing written) when no row has a difference."""
+    rows = [r for r in rows if r["diff"][0] is not None]
+    if not rows:
+        return False
+    placed, names, budgets = _grouped(rows)
+    fig = Figure(figsize=(max(6.0, 1.2 + 1.1 * len(placed)), 4.5), layout="constrained")
+    ax = fig.subplots()
+    for x, r, color, alpha, width in placed:
+        ax.bar(x, r["diff"][0], width * 0.9, color=color, alpha=alpha)
+        ax.errorbar(x, r["diff"][0], yerr=_err(r["diff"][1]), color="k", capsize=4)
+    ax.axhline(0, color="k", lw=1)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_xlabel(_budget_note(budgets))
+    ax.set_ylabel(f"val loss − {baseline}'s, same seed (nats)")
+    ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title or f"Paired difference to {baseline}, mean ± 95% CI (below 0: better than {baseline})")
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def plot_entropy_per_layer(rows: list[dict], path, title: str | None = None) -> bool:
+    """Final Ent_load (Eq. 7) and Ent_conf (Eq. 8) of each expert layer, mean ± 95% CI over seeds,
+    one bar per variant with experts. False (nothing written) when no variant routes."""
+    rows = [r for r in rows if r.get("layers")]
+    if not rows:
+        return False
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        xs = np.arange(len(r["layers"])) + (i - (len(rows) - 1) / 2) * width
+        for ax, key in zip(axes, ("ent_load", "ent_conf")):
+            ax.bar(xs, [layer[key][0] for layer in r["layers"]], width * 0.9, color=_color(r["variant"], i),
+                   yerr=[_err(layer[key][1]) for layer in r["layers"]], capsize=3, label=r["variant"])
+    max_ent = rows[0]["layers"][0].get("max_ent")
+    for ax, what in zip(axes, ("Ent_load (Eq. 7): balance over experts", "Ent_conf (Eq. 8): per-token doubt")):
+        if max_ent:
+            ax.axhline(max_ent, ls="--", color="k", lw=1, label=f"log n = {max_ent:.2f}")
+        ax.set_xticks(range(len(rows[0]["layers"])), [str(layer["layer"]) for layer in rows[0]["layers"]])
+        ax.set_xlabel("layer")
+        ax.set_ylabel("entropy (nats)")
+        ax.set_title(what, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=9)
+    fig.suptitle(title or "Routing entropy per layer at the end of training, mean ± 95% CI")
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def plot_loss_vs_cost(rows: list[dict], path, title: str | None = None) -> None:
+    """Final val loss (mean ± 95% CI) against two costs: training FLOPs (counted) and training
+    seconds (measured on this machine). Lower-left is better; equal x is a compute-matched view."""
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2)
+    spans = {}
+    for i, (v, rs) in enumerate(_by_variant(rows).items()):
+        for ax, key in zip(axes, ("train_flops", "train_s")):
+            x = [r[key][0] if isinstance(r[key], (list, tuple)) else r[key] for r in rs]
+            spans.setdefault(key, []).extend(x)
+            ax.errorbar(x, [r["val_loss"][0] for r in rs], yerr=[_err(r["val_loss"][1]) for r in rs],
+                        fmt="-o", ms=4, capsize=4, color=_color(v, i), label=v)
+    for ax, key, what in zip(axes, ("train_flops", "train_s"),
+                             ("training FLOPs (6 x active params + attention, per token)",
+                              "training seconds (measured, evaluation excluded)")):
+        if max(spans[key]) > 10 * min(spans[key]) > 0:      # budgets a decade apart: log scale
+            ax.set_xscale("log")
+        ax.set_xlabel(what)
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.set_ylabel("final validation loss (nats / token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9)
+    fig.suptitle(title or "Final validation loss vs training cost")
+    fig.savefig(path, dpi=120)

@@ -158,7 +158,7 @@ def test_resume_errors(tmp_path, data):
 
 
 def test_script_errors_are_one_line_with_exit_code_2(tmp_path):
-    for args, text in ((["--n_head=3"], "error: GPTConfig.n_embd=128 is invalid: must be divisible by n_head=3"),
+    for args, text in ((["--n_head=3"], "error: GPTConfig.n_embd=64 is invalid: must be divisible by n_head=3"),
                        ([f"--out_dir={tmp_path}", "--init_from=resume"], "error: --init_from=resume: no checkpoint")):
         r = subprocess.run([sys.executable, "train_small.py", *args], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "MINIMOE_CACHE": str(tmp_path / "cache")})
@@ -169,7 +169,7 @@ def test_help_lists_all_options(capsys):
     with pytest.raises(SystemExit):
         train_small.main(["--help"])
     out = capsys.readouterr().out
-    for name in ("max_iters=250", "eval_interval", "batch_size=16", "block_size=128", "n_layer=4", "n_head=4",
-                 "n_embd=128", "learning_rate", "out_dir='out-small'", "device", "compile", "seed", "init_from",
+    for name in ("max_iters=1500", "eval_interval", "batch_size=32", "block_size=64", "n_layer=2", "n_head=4",
+                 "n_embd=64", "learning_rate", "out_dir='out-small'", "device", "compile", "seed", "init_from",
                  "model='all'", "seeds=1"):
         assert f"--{name}" in out, name

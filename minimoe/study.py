@@ -1,0 +1,550 @@
+"""Named studies: model variants x seeds x token budgets, paired statistics, resumable.
+
+    python -m minimoe.study                         # "laptop": dense / moe / aoe, 5 seeds (~13 min, 2 cores)
+    python -m minimoe.study overnight --max_runs=20 # hours on a CPU; run it in chunks, it resumes
+    python -m minimoe.study gpu                     # the same question at 6 x 384 on CUDA
+    python -m minimoe.study laptop --variants=moe,aoe --seeds=1,2,3 --budgets=750,1500
+    python -m minimoe.study laptop --tune="learning_rate=1e-3,2e-3,4e-3"
+    python -m minimoe.study --help                  # the studies and every option
+
+A study is declarative: a base GPTConfig + TrainConfig, and a grid. Every run is one call of
+minimoe.train.train() in its own folder out_dir/runs/<variant>-seed<s>-iters<n>-<hash>/, where the
+hash covers the run's full model and training config; a finished run leaves result.json there and
+is never trained again, an interrupted one (ckpt.pt, no result.json) is resumed exactly.
+
+Why the design:
+  * Paired seeds. Run s of every variant uses seed s for the init *and* for the batches (batch i of
+    data.BatchSampler is a pure function of the seed), and all runs are scored on the same val
+    batches. Seed-to-seed noise is then largely shared, so the per-seed difference to the baseline
+    (MoE) has a much smaller spread than either loss: we report it with its own 95% CI.
+  * 95% confidence intervals from the t-distribution (few seeds: the normal's 1.96 is too narrow).
+  * Budgets are max_iters values, each its own run with its own full cosine schedule: the loss of
+    a longer run at step n is *not* the loss of a run trained for n steps.
+  * Fair tuning: with --tune, every variant gets the same tries of the same grid on a separate
+    tuning seed, and each uses its own best for the reported seeds. Nobody is tuned alone.
+  * Three budgets a reader may want to compare at: the table is at equal tokens, and lists total
+    params (equal params), training FLOPs per token (equal active compute) and measured tokens/s
+    (equal wall-clock); cost.png plots loss against FLOPs and seconds.
+
+Writes out_dir/study.md (tables, the command, the machine, the date), study.json (every run's
+numbers and the summaries) and loss.png, final.png, paired.png, entropy.png, cost.png.
+"""
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime, timezone
+import hashlib
+import itertools
+import json
+import math
+import os
+from pathlib import Path
+import platform
+import statistics
+import sys
+import typing
+
+import torch
+from tqdm import tqdm
+
+from .data import load_corpus
+from .model import GPT, GPTConfig
+from .plots import (plot_entropy_per_layer, plot_final_losses, plot_loss_vs_cost, plot_losses,
+                    plot_paired_differences, read_log)
+from .train import TrainConfig, TrainingDiverged, _convert, parse_overrides, resolve_device, train
+from . import variants as variants_module
+
+
+# --------------------------------------------------------------------------- statistics
+
+# t_{0.975, df}: the two-sided 95% quantile of Student's t, exact to 7 digits for df <= 10
+# (standard tables); beyond, the Cornish-Fisher expansion below (error < 1e-5 for df > 10).
+T975 = {1: 12.7062047, 2: 4.3026527, 3: 3.1824463, 4: 2.7764451, 5: 2.5705818, 6: 2.4469119,
+        7: 2.3646243, 8: 2.3060041, 9: 2.2621572, 10: 2.2281389}
+Z975 = 1.959963984540054
+
+
+def t_quantile_975(df: int) -> float:
+    """t_{0.975}(df), the multiplier of the standard error in a 95% CI from df+1 samples."""
+    if not isinstance(df, int) or isinstance(df, bool) or df < 1:
+        raise ValueError(f"degrees of freedom df={df!r} is invalid: must be an integer >= 1")
+    if df in T975:
+        return T975[df]
+    z, n = Z975, float(df)            # Cornish-Fisher expansion of t in powers of 1/df (A&S 26.7.5)
+    return (z + (z**3 + z) / (4 * n) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * n**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * n**3)
+            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * n**4))
+
+
+def mean_ci(values) -> tuple[float, float | None]:
+    """(mean, half-width of its 95% CI): mean +- t_{0.975,n-1} * s / sqrt(n). One value: no CI."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("mean_ci needs at least one value")
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, None
+    return m, t_quantile_975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def paired_difference(a: dict, b: dict) -> tuple[float | None, float | None, int]:
+    """a, b: {seed: value}. Mean and 95% CI half-width of a[s] - b[s] over the seeds both have,
+    and how many those are. The pairing removes the noise the two runs of one seed share."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None, None, 0
+    m, ci = mean_ci([a[s] - b[s] for s in common])
+    return m, ci, len(common)
+
+
+def fmt_ci(m, ci, digits=4, sign=False) -> str:
+    if m is None:
+        return "-"
+    s = f"{m:+.{digits}f}" if sign else f"{m:.{digits}f}"
+    return s if ci is None else f"{s} ± {ci:.{digits}f}"
+
+
+# --------------------------------------------------------------------------- the studies
+
+@dataclass
+class StudyConfig:
+    variants: str = "dense,moe,aoe"     # comma list of model variants (minimoe.variants), or "all"
+    seeds: str = "1,2,3,4,5"            # comma list of seeds; run s of every variant uses seed s (paired)
+    budgets: str = "1500"               # comma list of max_iters; each is its own run and cosine schedule
+    tune: str = ""                      # grid every variant gets alike, e.g. "learning_rate=1e-3,2e-3;warmup_iters=30,100"
+    tune_seed: int = 0                  # the seed of the tuning runs (not one of --seeds)
+    baseline: str = "moe"               # paired differences are to this variant
+    max_runs: int = 0                   # stop after this many new runs (0: no limit); run again to continue
+
+    def __post_init__(self):
+        variant_list(self.variants), seed_list(self.seeds), budget_list(self.budgets), tune_grid(self.tune)
+        if not isinstance(self.max_runs, int) or self.max_runs < 0:
+            raise ValueError(f"--max_runs={self.max_runs!r} is invalid: must be an integer >= 0 (0: no limit)")
+        if self.tune and self.tune_seed in seed_list(self.seeds):
+            raise ValueError(f"--tune_seed={self.tune_seed} is invalid: it is one of --seeds={self.seeds}; "
+                             f"tune on a seed you do not report")
+        if self.baseline not in variants_module.VARIANTS:
+            raise ValueError(f"--baseline={self.baseline!r} is invalid: allowed values are "
+                             f"{', '.join(variants_module.VARIANTS)}")
+
+
+def _int_list(name: str, text: str, low: int) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < low or len(set(values)) != len(values):
+        raise ValueError(f"--{name}={text!r} is invalid: must be a comma list of distinct integers >= {low}")
+    return values
+
+
+def seed_list(text) -> list[int]:
+    return _int_list("seeds", text, 0)
+
+
+def budget_list(text) -> list[int]:
+    return _int_list("budgets", text, 1)
+
+
+def variant_list(text) -> list[str]:
+    names = list(variants_module.VARIANTS) if text == "all" else [v.strip() for v in str(text).split(",")]
+    bad = [v for v in names if v not in variants_module.VARIANTS]
+    if bad or not names or len(set(names)) != len(names):
+        raise ValueError(f"--variants={text!r} is invalid: a comma list of distinct names from "
+                         f"{', '.join(variants_module.VARIANTS)}, or all")
+    return names
+
+
+# a run's seed, length and folder come from the grid; tuning them would not be tuning
+UNTUNABLE = ("seed", "max_iters", "out_dir", "init_from")
+
+
+def tune_grid(text: str) -> list[dict]:
+    """'lr=1,2;wd=0,0.1' -> the 4 combinations as dicts of typed values; '' -> [{}] (no tuning)."""
+    if not text:
+        return [{}]
+    hints = {**typing.get_type_hints(GPTConfig), **typing.get_type_hints(TrainConfig)}
+    axes = {}
+    for part in text.split(";"):
+        name, _, values = part.partition("=")
+        name = name.strip()
+        if name not in hints or name in UNTUNABLE or not values:
+            raise ValueError(f"--tune={text!r} is invalid: write FIELD=v1,v2[;FIELD=...] with GPTConfig/"
+                             f"TrainConfig fields other than {', '.join(UNTUNABLE)}")
+        axes[name] = [_convert(name, v.strip(), hints[name]) for v in values.split(",")]
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+@dataclass
+class Study:
+    about: str
+    model: GPTConfig
+    train: TrainConfig
+    grid: StudyConfig = field(default_factory=StudyConfig)
+
+
+def laptop_model() -> GPTConfig:
+    """The train_small regime: 2 layers x 64, context 64, bytes, 8 experts of width 128, top-2."""
+    return GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=64, ffn="moe",
+                     n_experts=8, top_k=2, d_ffn=128)
+
+
+def laptop_train() -> TrainConfig:
+    """1500 steps x 32 x 64 = 3.1M tokens, ~20 tokens per total (MoE) parameter."""
+    return TrainConfig(out_dir="out-study/laptop", max_iters=1500, eval_interval=100, eval_iters=20,
+                       log_interval=25, batch_size=32, learning_rate=2e-3, min_lr=2e-4, warmup_iters=30,
+                       sample_tokens=200, sample_start="def ")
+
+
+def studies() -> dict[str, Study]:
+    """Built on each call: the variant list is read from minimoe.variants when asked for."""
+    gpu_model = GPTConfig(vocab_size=256, block_size=256, n_layer=6, n_head=6, n_embd=384, ffn="moe",
+                          n_experts=8, top_k=2, d_ffn=768)
+    return {
+        "laptop": Study("the train_small regime, dense/moe/aoe x 5 seeds x 3.1M tokens (~13 min on 2 cores)",
+                        laptop_model(), laptop_train()),
+        "overnight": Study("every variant x 6 seeds x 1.5k/3k/6k steps, lr tuned alike on seed 0 "
+                           "(~6 min per variant and seed on 2 cores; 9 seeds' worth with the tuning)",
+                           laptop_model(), replace(laptop_train(), out_dir="out-study/overnight"),
+                           StudyConfig(variants="all", seeds="1,2,3,4,5,6", budgets="1500,3000,6000",
+                                       tune="learning_rate=1e-3,2e-3,4e-3")),
+        "gpu": Study("6 x 384 on CUDA, bf16, 3000 steps x 64 x 256 = 49M tokens per run, dense/moe/aoe x 3 seeds "
+                     "(stdlib bytes: ~4.7 passes; --data=a prepare.py folder for fresh tokens)",
+                     gpu_model, TrainConfig(out_dir="out-study/gpu", device="cuda", dtype="bfloat16",
+                                            max_iters=3000, eval_interval=250, eval_iters=40, log_interval=50,
+                                            batch_size=64, learning_rate=1e-3, min_lr=1e-4, warmup_iters=150,
+                                            sample_tokens=200, sample_start="def "),
+                     StudyConfig(seeds="1,2,3")),
+    }
+
+
+def studies_help() -> str:
+    return "studies (python -m minimoe.study NAME; the first is the default):\n" + "\n".join(
+        f"  {name:<10} {s.about}" for name, s in studies().items()) + \
+        "\nmodel variants:\n" + variants_module.variants_help()
+
+
+# --------------------------------------------------------------------------- runs
+
+# fields that do not change what a run computes: left out of its identity (the hash)
+NOT_IDENTITY = ("out_dir", "init_from", "progress", "threads", "log_interval", "wandb", "wandb_project",
+                "overwrite", "dispatch")
+
+
+@dataclass
+class Run:
+    variant: str
+    seed: int
+    budget: int
+    tuned: dict                      # the grid values this run uses
+    model: GPTConfig
+    train: TrainConfig
+    key: str                         # sha1 of the full config, minus NOT_IDENTITY
+    tuning: bool = False             # a run of the tuning grid (tune_seed), not a reported one
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.train.out_dir)
+
+
+def make_run(variant, seed, budget, tuned, base: GPTConfig, cfg: TrainConfig, root: Path, tuning=False) -> Run:
+    tuned_model = {k: v for k, v in tuned.items() if k in {f.name for f in fields(GPTConfig)}}
+    mc = variants_module.variant_config(variant, replace(base, **tuned_model))
+    tc = replace(cfg, **{k: v for k, v in tuned.items() if k not in tuned_model}, seed=seed, max_iters=budget)
+    ident = {"model": asdict(mc), "train": asdict(tc)}
+    for part in ident.values():
+        for name in NOT_IDENTITY:
+            part.pop(name, None)
+    key = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+    folder = root / "runs" / f"{variant}-seed{seed}-iters{budget}-{key[:10]}"
+    return Run(variant, seed, budget, tuned, mc, replace(tc, out_dir=str(folder), init_from="scratch"), key, tuning)
+
+
+def load_result(run: Run) -> dict | None:
+    path = run.dir / "result.json"
+    if not path.exists():
+        return None
+    r = json.loads(path.read_text())
+    return r if r.get("key") == run.key else None
+
+
+def sizes(mc: GPTConfig) -> dict:
+    """Parameter and FLOP counts without allocating anything (meta device)."""
+    with torch.device("meta"):
+        m = GPT(mc)
+    extra = getattr(m, "extra_flops_per_step", None)      # a variant's per-step work outside the tokens
+    return {"params_total": m.num_params(), "params_active": m.num_active_params(),
+            "flops_per_token": m.flops_per_token(mc.block_size),
+            "extra_flops_per_step": int(extra()) if callable(extra) else 0}
+
+
+class Interrupted(Exception):
+    def __init__(self, signal_name):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+def run_one(run: Run, corpus) -> dict:
+    """Train (or resume) one run and write its result.json. Raises Interrupted on Ctrl-C / SIGTERM."""
+    cfg = replace(run.train, init_from="resume" if (run.dir / "ckpt.pt").exists() else "scratch")
+    r = train(run.model, cfg, corpus=corpus)
+    r.pop("model", None)
+    if r.get("interrupted"):
+        raise Interrupted(r["interrupted"])
+    s = sizes(run.model)
+    train_s = r["tokens"] / r["tokens_per_sec"] if r.get("tokens_per_sec") else None
+    result = {"key": run.key, "variant": run.variant, "seed": run.seed, "budget": run.budget,
+              "tuned": run.tuned, "tuning": run.tuning, **s, "train_s": train_s,
+              "train_flops": s["flops_per_token"] * r["tokens"] + s["extra_flops_per_step"] * r["iters"],
+              **{k: r.get(k) for k in ("val_loss", "val_bpb", "best_val_loss", "train_loss", "tokens", "iters",
+                                      "tokens_per_sec", "mfu", "ent_load", "ent_conf", "wall_s")},
+              "routing": [{k: layer[k] for k in ("layer", "ent_load", "ent_conf", "load")}
+                          for layer in r.get("routing") or []]}
+    tmp = run.dir / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, run.dir / "result.json")              # atomic: a result is whole or absent
+    return result
+
+
+# --------------------------------------------------------------------------- summaries
+
+def best_tuned(results: dict, variant: str, budget: int, grid: list[dict], runs: dict) -> dict | None:
+    """The grid point with the lowest final val loss for (variant, budget), once all are done."""
+    losses = []
+    for g in grid:
+        r = results.get(runs[("tune", variant, budget, json.dumps(g, sort_keys=True))].key)
+        if r is None:
+            return None
+        losses.append((r["val_loss"], g))
+    return min(losses, key=lambda t: t[0])[1]
+
+
+def summarize(reported: list[dict], variants: list[str], budgets: list[int], baseline: str) -> list[dict]:
+    """One row per (budget, variant): mean +- 95% CI over seeds, paired difference to the baseline."""
+    rows = []
+    for budget in budgets:
+        by_variant = {v: {r["seed"]: r for r in reported if r["variant"] == v and r["budget"] == budget}
+                      for v in variants}
+        base = {s: r["val_loss"] for s, r in by_variant.get(baseline, {}).items()}
+        for v in variants:
+            rs = by_variant[v]
+            if not rs:
+                continue
+            rr = list(rs.values())
+            loss, loss_ci = mean_ci([r["val_loss"] for r in rr])
+            diff, diff_ci, n_pairs = paired_difference({s: r["val_loss"] for s, r in rs.items()}, base) \
+                if v != baseline and base else (None, None, 0)
+            n_layers = len(rr[0]["routing"])
+            layers = [{"layer": rr[0]["routing"][j]["layer"], "max_ent": math.log(len(rr[0]["routing"][j]["load"])),
+                       "ent_load": mean_ci([r["routing"][j]["ent_load"] for r in rr]),
+                       "ent_conf": mean_ci([r["routing"][j]["ent_conf"] for r in rr])} for j in range(n_layers)]
+            rows.append({"variant": v, "budget": budget, "tokens": rr[0]["tokens"], "seeds": sorted(rs),
+                         "val_loss": [loss, loss_ci], "diff": [diff, diff_ci], "pairs": n_pairs,
+                         "tuned": rr[0]["tuned"],
+                         **{k: rr[0][k] for k in ("params_total", "params_active", "flops_per_token",
+                                                   "extra_flops_per_step")},
+                         "train_flops": statistics.fmean(r["train_flops"] for r in rr),
+                         "tokens_per_sec": mean_ci([r["tokens_per_sec"] for r in rr]),
+                         "train_s": mean_ci([r["train_s"] for r in rr]),
+                         "ent_load": mean_ci([r["ent_load"] for r in rr]) if rr[0]["ent_load"] is not None else None,
+                         "ent_conf": mean_ci([r["ent_conf"] for r in rr]) if rr[0]["ent_conf"] is not None else None,
+                         "layers": layers})
+    return rows
+
+
+def results_table(rows: list[dict], baseline: str) -> str:
+    head = ["variant", "tokens", "seeds", "val loss (nats, mean ± 95% CI)", f"Δ vs {baseline} (paired, ± 95% CI)",
+            "params total", "params active", "train FLOPs/token", "train FLOPs", "tokens/s", "train s",
+            "Ent_load", "Ent_conf"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        extra = f" + {r['extra_flops_per_step'] / 1e6:.1f}M/step" if r["extra_flops_per_step"] else ""
+        lines.append("| " + " | ".join([
+            r["variant"], f"{r['tokens'] / 1e6:.2f}M", str(len(r["seeds"])), fmt_ci(*r["val_loss"]),
+            fmt_ci(*r["diff"], sign=True) + (f" (n={r['pairs']})" if r["pairs"] else ""),
+            f"{r['params_total'] / 1e6:.3f}M", f"{r['params_active'] / 1e6:.3f}M",
+            f"{r['flops_per_token'] / 1e6:.2f}M{extra}", f"{r['train_flops']:.3g}",
+            fmt_ci(*r["tokens_per_sec"], digits=0), fmt_ci(*r["train_s"], digits=1),
+            fmt_ci(*r["ent_load"], digits=3) if r["ent_load"] else "-",
+            fmt_ci(*r["ent_conf"], digits=3) if r["ent_conf"] else "-"]) + " |")
+    return "\n".join(lines)
+
+
+def tuning_table(tune_results: list[dict], grid: list[dict], best: dict) -> str:
+    """Rows: variant and budget; columns: the grid points; the chosen one in bold."""
+    cols = [", ".join(f"{k}={v}" for k, v in g.items()) for g in grid]
+    lines = ["| variant | steps | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for (variant, budget), chosen in best.items():
+        cells = []
+        for g in grid:
+            r = next((t for t in tune_results if t["variant"] == variant and t["budget"] == budget
+                      and t["tuned"] == g), None)
+            cell = "-" if r is None else f"{r['val_loss']:.4f}"
+            cells.append(f"**{cell}**" if g == chosen else cell)
+        lines.append(f"| {variant} | {budget} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def describe_machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        names = [s.split(":", 1)[1].strip() for s in Path("/proc/cpuinfo").read_text().splitlines()
+                 if s.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+        where = f"{names[0] if names else platform.processor() or platform.machine()}, " \
+                f"{torch.get_num_threads()} thread(s) of {os.cpu_count()} logical cores"
+    return f"{where}; {platform.system()} {platform.release()}, Python {platform.python_version()}, " \
+           f"torch {torch.__version__}"
+
+
+# --------------------------------------------------------------------------- main
+
+def parse(argv) -> tuple[str, GPTConfig, TrainConfig, StudyConfig, set]:
+    """[NAME] [--field=value ...] -> the study's name, its configs with the overrides, the fields given."""
+    all_studies = studies()
+    if "--help" in argv or "-h" in argv:
+        print(studies_help() + "\n")
+    name, argv = (argv[0], argv[1:]) if argv and not argv[0].startswith("-") else ("laptop", argv)
+    if name not in all_studies:
+        raise ValueError(f"study {name!r} is unknown: allowed values are {', '.join(all_studies)}")
+    s = all_studies[name]
+    model, cfg, grid = parse_overrides(argv, s.model, s.train, s.grid)
+    given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv}
+    for field_name, use in (("seed", "--seeds=1,2,3"), ("max_iters", "--budgets=500,1000")):
+        if field_name in given:        # the grid sets these per run
+            raise ValueError(f"--{field_name} is set by the study's grid: use {use} instead")
+    return name, model, cfg, grid, given
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name, base, cfg, grid, given = parse(argv)
+    device = resolve_device(cfg.device)          # no CUDA for the gpu study: say so before any work
+    corpus = load_corpus(cfg.data)
+    if "vocab_size" not in given and base.vocab_size < corpus.vocab_size:
+        base = replace(base, vocab_size=-(-corpus.vocab_size // 64) * 64)    # BPE: pad to a multiple of 64
+    if "sample_start" not in given and cfg.data != "stdlib":
+        cfg = replace(cfg, sample_start="\n")
+    variants, seeds, budgets = variant_list(grid.variants), seed_list(grid.seeds), budget_list(grid.budgets)
+    points = tune_grid(grid.tune)
+    root = Path(cfg.out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python -m minimoe.study", name, *(a for a in argv if a.startswith("-"))])
+
+    # every run of the study, in the order they train: the tuning grid, then seed by seed (so a
+    # partial study already holds complete pairs)
+    runs = {}
+    if grid.tune:
+        for budget, v, g in itertools.product(budgets, variants, points):
+            runs[("tune", v, budget, json.dumps(g, sort_keys=True))] = \
+                make_run(v, grid.tune_seed, budget, g, base, cfg, root, tuning=True)
+    results = {}                                  # run key -> result, for every finished run
+    for run in runs.values():
+        if (r := load_result(run)) is not None:
+            results[run.key] = r
+    total = len(runs) + len(variants) * len(seeds) * len(budgets)
+    new, stopped = 0, None
+    bar = tqdm(total=total, desc=f"study {name}", unit="run", position=0, dynamic_ncols=True,
+               disable=not cfg.progress)
+
+    def do(run: Run) -> bool:
+        """Train `run` unless it is done; False when the study must stop (max_runs, a signal)."""
+        nonlocal new, stopped
+        if run.key not in results and (r := load_result(run)) is not None:
+            results[run.key] = r                  # finished by an earlier invocation: skip it
+        if run.key in results:
+            bar.update(1)
+            return True
+        if grid.max_runs and new >= grid.max_runs:
+            stopped = f"--max_runs={grid.max_runs} reached"
+            return False
+        bar.set_postfix_str(f"{run.variant} seed {run.seed} {run.budget} steps")
+        try:
+            results[run.key] = run_one(run, corpus)
+        except Interrupted as e:
+            stopped = e.signal_name
+            return False
+        new += 1
+        bar.update(1)
+        return True
+
+    main_runs = []
+    try:
+        if all(do(r) for r in runs.values()):
+            best = {(v, b): best_tuned(results, v, b, points, runs) if grid.tune else {}
+                    for b in budgets for v in variants}
+            for seed, budget, v in itertools.product(seeds, budgets, variants):
+                run = make_run(v, seed, budget, best[(v, budget)], base, cfg, root)
+                main_runs.append(run)
+                if not do(run):
+                    break
+    finally:
+        bar.close()
+
+    # --- report: whatever is finished (a partial study says so) ---
+    tune_results = [results[r.key] for r in runs.values() if r.key in results]
+    best = {(v, b): best_tuned(results, v, b, points, runs) for b in budgets for v in variants} if grid.tune else {}
+    reported = [results[r.key] for r in main_runs if r.key in results]
+    rows = summarize(reported, variants, budgets, grid.baseline)
+    done = len(tune_results) + len(reported)
+    table = results_table(rows, grid.baseline) if rows else "(no reported run has finished yet)"
+    report = [f"# Study `{name}`\n", f"`{command}`\n",
+              f"- {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {describe_machine(device)}; device {device}",
+              f"- {done} of {total} runs finished" + (f" (stopped: {stopped}; run the same command to continue)"
+                                                      if stopped else ""),
+              f"- data {corpus.name}; model {base.n_layer} layers x {base.n_embd}, context {base.block_size}, "
+              f"{base.n_experts} experts top-{base.top_k}, d_ffn {base.ffn_dim}; batch {cfg.batch_size} x "
+              f"{base.block_size}; lr {cfg.learning_rate} (cosine to {cfg.min_lr}, warmup {cfg.warmup_iters})",
+              f"- seeds {seeds}: run s of every variant has seed s for init and batches (paired); val loss on the "
+              f"same {cfg.eval_iters} x {cfg.batch_size} x {base.block_size} val tokens for every run",
+              "- **budgets:** rows with the same tokens are at equal training tokens; compare `params total` "
+              "for equal parameters, `train FLOPs` (6 x active matmul params + attention, per token) for equal "
+              "compute, `train s` (measured, evaluation excluded) for equal wall-clock; cost.png plots both",
+              f"- CI: 95%, Student t over seeds; Δ: per-seed difference to {grid.baseline}, negative = better\n",
+              table, ""]
+    if grid.tune:
+        report += [f"## Tuning (seed {grid.tune_seed}, the same grid for every variant; val loss, chosen in bold)\n",
+                   tuning_table(tune_results, points, best), ""]
+    files = []
+    if rows:
+        largest = max(r["budget"] for r in rows)
+        logs = {v: [read_log(r.dir) for r in main_runs if r.variant == v and r.budget == largest
+                    and r.key in results] for v in variants}
+        title = f"study {name}, {largest} steps"
+        plot_losses({v: lg for v, lg in logs.items() if lg}, root / "loss.png",
+                    title=f"Validation loss vs tokens, mean ± std over seeds ({title})")
+        plot_final_losses(rows, root / "final.png", title=f"Final val loss, mean ± 95% CI (study {name})")
+        files += ["loss.png", "final.png"]
+        if plot_paired_differences(rows, grid.baseline, root / "paired.png",
+                                   title=f"Paired difference to {grid.baseline}, mean ± 95% CI (study {name})"):
+            files.append("paired.png")
+        if plot_entropy_per_layer([r for r in rows if r["budget"] == largest], root / "entropy.png",
+                                  title=f"Routing entropy per layer at the end, mean ± 95% CI ({title})"):
+            files.append("entropy.png")
+        plot_loss_vs_cost(rows, root / "cost.png", title=f"Final val loss vs training cost (study {name})")
+        files.append("cost.png")
+        report.append("Figures: " + ", ".join(files) + "\n")
+    (root / "study.md").write_text("\n".join(report))
+    (root / "study.json").write_text(json.dumps(
+        {"study": name, "command": command, "model": asdict(base), "train": asdict(cfg), "grid": asdict(grid),
+         "finished": done, "total": total, "stopped": stopped, "summary": rows,
+         "best_tuned": [{"variant": v, "budget": b, "tuned": g} for (v, b), g in best.items()],
+         "runs": tune_results + reported}, indent=1, default=str))
+    print(f"\n{table}\n\nwrote {root}/study.md, study.json{''.join(', ' + f for f in files)}")
+    if stopped:
+        print(f"stopped ({stopped}) after {new} new run(s); continue with:  {command}")
+        return {"SIGINT": 130, "SIGTERM": 143}.get(stopped, 0)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as e:     # bad input: one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
