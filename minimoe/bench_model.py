@@ -198,17 +198,20 @@ def markdown(meta: dict, rows: list[dict], ratio_rows: list[dict], samples: list
              for r in ratio_rows]
     sampling = [[s["model"], str(s["prompt"]), str(s["new_tokens"]), f"{s['no_cache']:,.1f}", f"{s['cache']:,.1f}",
                  f"{s['speedup']:.2f}x", "yes" if s["same_tokens"] else "no"] for s in samples]
-    return "\n".join([
-        f"# minimoe.bench gpu: {meta['device_name']}, torch {meta['torch']}, {meta['dtype']} autocast, "
-        f"{meta['steps']} timed training steps after {meta['warmup']} warmup", "",
-        *md_table(["model", "ffn", "params", "active", "GFLOPs/tok", "B x T", "compile", "dispatch", "ms/step",
-                   "tokens/s", "MFU", "peak mem GB"], train),
-        "", "AoE / MoE (same compile and dispatch) next to the paper's Table 4 (its 732M models)", "",
-        *md_table(["AoE model", "vs", "d_low", "compile", "dispatch", "tokens/s ratio", "paper", "memory ratio",
-                   "paper"], ratio),
-        "", "Sampling (GPT.generate, batch 1, greedy, eager)", "",
-        *md_table(["model", "prompt", "new tokens", "no cache tok/s", "KV cache tok/s", "speedup", "same tokens"],
-                  sampling)])
+    lines = [f"# minimoe.bench gpu: {meta['device_name']}, torch {meta['torch']}, {meta['dtype']}"
+             f"{' autocast' if meta['dtype'] != 'fp32' else ''}, "
+             f"{meta['steps']} timed training steps after {meta['warmup']} warmup", "",
+             *md_table(["model", "ffn", "params", "active", "GFLOPs/tok", "B x T", "compile", "dispatch", "ms/step",
+                        "tokens/s", "MFU", "peak mem GB"], train)]
+    if ratio:
+        lines += ["", "AoE / MoE (same compile and dispatch) next to the paper's Table 4 (its 732M models)", "",
+                  *md_table(["AoE model", "vs", "d_low", "compile", "dispatch", "tokens/s ratio", "paper",
+                             "memory ratio", "paper"], ratio)]
+    if sampling:
+        lines += ["", "Sampling (GPT.generate, batch 1, greedy, eager)", "",
+                  *md_table(["model", "prompt", "new tokens", "no cache tok/s", "KV cache tok/s", "speedup",
+                             "same tokens"], sampling)]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- command line
@@ -237,6 +240,8 @@ def main(argv=None) -> dict:
         p.error(f"--device={a.device}: CUDA is not available here; use --device=cpu for the tiny smoke run")
     if a.threads:
         torch.set_num_threads(a.threads)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True        # as train.py: fp32 matmuls on tensor cores
     steps = a.steps if a.steps is not None else (20 if cuda else 3)
     warmup = a.warmup if a.warmup is not None else (5 if cuda else 1)
     sample_tokens = a.sample_tokens if a.sample_tokens is not None else (256 if cuda else 48)

@@ -70,3 +70,15 @@ def test_bad_cli_arguments_exit_with_a_message(args, capsys):
     with pytest.raises(SystemExit):
         bench.main(["gpu", "--device=cpu", "--models=tiny-moe", *args])
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_failed_row_is_reported_in_its_table_row():
+    """On a GPU a row can fail (out of memory, a compile error): the table says so and goes on."""
+    meta = dict(device_name="X", torch="2", dtype="bf16", steps=1, warmup=0)
+    row = dict(model="gpt2-aoe", ffn="aoe", params=1e8, active=5e7, flops_per_token=1e9, batch_size=16,
+               seq_len=1024, compile=True, dispatch="grouped", error="CUDA out of memory")
+    lines = bench_model.markdown(meta, [row], [], []).splitlines()
+    assert lines[0] == "# minimoe.bench gpu: X, torch 2, bf16 autocast, 1 timed training steps after 0 warmup"
+    assert lines[-1].startswith("| gpt2-aoe | aoe |") and "failed: CUDA out of memory" in lines[-1]
+    assert lines[-1].count("|") == lines[-3].count("|")       # as many cells as the header
+    assert bench_model.ratios([row]) == []
