@@ -2,6 +2,7 @@
 
     python -m minimoe.bench                       # CPU defaults, a few (n_experts, top_k, d_low)
     python -m minimoe.bench --device=cuda --dtype=bf16 --tokens=16384 --n_embd=768 --d_ffn=3072
+    python -m minimoe.bench gpu                   # whole models instead: see bench_model.py
 
 For each (E, K, d_low) it times, on the same N tokens:
     moe       router MoE (Alg. 1)                              the reference row (ratio 1.00)
@@ -16,6 +17,7 @@ is the W_down of the E-K unselected experts, 2*(E-K)*D*L forward FLOPs per token
 import argparse
 from dataclasses import replace
 import statistics
+import sys
 import time
 
 import torch
@@ -94,6 +96,10 @@ def format_table(rows) -> str:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["gpu"], ["model"]):            # the whole-model benchmark (bench_model.py)
+        from .bench_model import main as bench_model_main
+        return bench_model_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))

@@ -9,6 +9,8 @@ scaled_dot_product_attention. The FFN is chosen by `GPTConfig.ffn`:
     "moe"    moe.py    router picks K of E SwiGLU experts   (AoE paper, Alg. 1)
     "aoe"    aoe.py    experts pick themselves by ||x W_down^i||  (AoE paper, Eq. 3, Alg. 2)
 Style and API follow nanoGPT's model.py: forward(idx, targets) -> (logits, loss), generate().
+generate() keeps a KVCache: the prompt is run once, then each step runs only the new token
+(use_cache=False is the reference path that re-runs the whole context every step).
 """
 
 from dataclasses import dataclass, fields
@@ -128,22 +130,54 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, so that generation computes each token once.
+
+    One (B, nh, max_len, hd) buffer pair per layer, allocated at the first write in the dtype that
+    attention produces (bf16 under autocast). `pos` counts the cached tokens; GPT.forward advances
+    it after all layers have written the new tokens' keys and values."""
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.max_len, self.pos = max_len, 0
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+
+    def update(self, layer: int, k, v):
+        """Write k, v (B, nh, T, hd) at positions pos..pos+T-1; return all keys and values so far."""
+        B, nh, T, hd = k.shape
+        if self.k[layer] is None:
+            self.k[layer] = k.new_empty(B, nh, self.max_len, hd)
+            self.v[layer] = v.new_empty(B, nh, self.max_len, hd)
+        end = self.pos + T
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]   # (B, nh, pos+T, hd) each
+
+
 class CausalSelfAttention(nn.Module):
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
-        self.n_head, self.dropout = config.n_head, config.dropout
+        self.n_head, self.dropout, self.layer = config.n_head, config.dropout, layer
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         nn.init.normal_(self.qkv.weight, std=config.init_std)
         nn.init.normal_(self.proj.weight, std=config.init_std / math.sqrt(2 * config.n_layer))
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)                     # (B, T, C) each
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)   # (B, nh, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)   # (B, nh, T, hd); cos/sin start at pos
+        past, mask = 0, None
+        if kv_cache is not None:
+            past = kv_cache.pos
+            k, v = kv_cache.update(self.layer, k, v)              # (B, nh, past+T, hd)
+        if past and T > 1:
+            # New token t sits at position past+t and sees keys 0..past+t. (is_causal would align
+            # the triangle to the top left, i.e. hide the cached tokens.)
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0 and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)          # (B, T, C) heads side by side
         return F.dropout(self.proj(y), self.dropout, self.training)
@@ -154,14 +188,14 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.norm_attn = nn.RMSNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.norm_ffn = nn.RMSNorm(config.n_embd)
         kind = config.ffn if config.is_expert_layer(layer) else "dense"
         self.ffn = FFN_KINDS[kind](config)
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.norm_attn(x), cos, sin)
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None):
+        x = x + self.attn(self.norm_attn(x), cos, sin, kv_cache)
         y, aux = self.ffn(self.norm_ffn(x))                        # aux: this layer's Eq. 6 loss
         return x + F.dropout(y, self.dropout, self.training), aux
 
@@ -188,16 +222,22 @@ class GPT(nn.Module):
         self.last_ce_loss: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, kv_cache: KVCache | None = None):
+        """idx (B, T) -> (logits, loss). With a kv_cache (generation), idx holds only the new tokens:
+        they take positions kv_cache.pos.., attend to the cached ones too, and are cached in turn."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]            # (T, hd/2)
+        pos = kv_cache.pos if kv_cache is not None else 0
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence length {pos + T}" + (f" ({pos} cached + {T} new)" if pos else "")
+                             + f" exceeds block_size={self.config.block_size}")
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]   # (T, hd/2)
         x = self.wte(idx)                                          # (B, T, C)
         aux = x.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
-            x, aux_layer = block(x, cos, sin)
+            x, aux_layer = block(x, cos, sin, kv_cache)
             aux = aux + aux_layer
+        if kv_cache is not None:
+            kv_cache.pos += T
         x = self.norm_f(x)
         if targets is None:
             # Inference: only the last position's logits are needed.
@@ -243,26 +283,61 @@ class GPT(nn.Module):
     # ----------------------------------------------------------------- sampling
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None):
-        """Extend idx (B, T) by max_new_tokens. temperature=0 is greedy; pass a seeded generator
-        for reproducible samples."""
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-        if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
-            raise ValueError(f"top_k={top_k} must be between 1 and vocab_size={self.config.vocab_size}")
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, sample_top_k: int | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True):
+        """Extend idx (B, T) by max_new_tokens. temperature=0 is greedy; sample_top_k keeps only the
+        k most likely tokens (not to be confused with GPTConfig.top_k, the experts per token); pass
+        a seeded generator for reproducible samples.
+
+        use_cache=True (the fast path): the prompt goes through the model once ("prefill"), then each
+        step feeds only the newest token and reuses every layer's cached keys and values (KVCache);
+        expert layers route just that token. use_cache=False is the reference: every step re-runs
+        the whole context. Past block_size both crop the context to its last block_size tokens, whose
+        positions then restart at 0, so every cached key changes: the cached path re-prefills that
+        window, which keeps the two paths equal but makes each step beyond block_size cost a full
+        forward, as without the cache.
+        """
+        check_generate_args(idx, max_new_tokens, temperature, sample_top_k, self.config.vocab_size)
+        cache = None
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size:]              # crop to the context window
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :].float()                        # (B, V)
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
+            if use_cache and cache is not None and cache.pos < self.config.block_size:
+                logits, _ = self(idx[:, -1:], kv_cache=cache)       # the new token only
             else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, top_k).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                idx_next = torch.multinomial(probs, 1, generator=generator)   # (B, 1)
+                idx_cond = idx[:, -self.config.block_size:]          # crop to the context window
+                cache = KVCache(self.config.n_layer, self.config.block_size) if use_cache else None
+                logits, _ = self(idx_cond, kv_cache=cache)           # prefill (or the reference path)
+            idx_next = sample_next(logits[:, -1, :], temperature, sample_top_k, generator)   # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+
+def sample_next(logits, temperature: float, sample_top_k: int | None, generator=None):
+    """Next token ids (B, 1) from last-position logits (B, V): greedy at temperature 0."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if sample_top_k is not None:
+        kth = torch.topk(logits, sample_top_k).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
+def check_generate_args(idx, max_new_tokens, temperature, sample_top_k, vocab_size: int):
+    """One-line ValueErrors for generate's arguments (instead of a traceback from deep in torch)."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.size(1) == 0 or idx.dtype != torch.long:
+        desc = f"a {idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else repr(type(idx))
+        raise ValueError(f"idx is {desc}: generate needs token ids, an int64 tensor (B, T) with T >= 1")
+    if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < vocab_size:
+        raise ValueError(f"idx has token ids in [{int(idx.min())}, {int(idx.max())}]: they must be in "
+                         f"[0, vocab_size={vocab_size})")
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature) or temperature < 0):
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
+    if sample_top_k is not None and (not is_int(sample_top_k) or not 1 <= sample_top_k <= vocab_size):
+        raise ValueError(f"sample_top_k={sample_top_k!r} must be an integer between 1 and "
+                         f"vocab_size={vocab_size}, or None to sample from all tokens")

@@ -1,7 +1,7 @@
 """Generate text from a trained checkpoint.
 
     python -m minimoe.sample --out_dir=out-small/aoe --start="def " --num_samples=3
-    python -m minimoe.sample --out_dir=out-small/moe --start=FILE:prompt.txt --temperature=0.5 --top_k=None
+    python -m minimoe.sample --out_dir=out-small/moe --start=FILE:prompt.txt --temperature=0.5 --sample_top_k=None
 
 Options are the fields of SampleConfig below (`--help` lists them). The tokenizer is the one the
 checkpoint was trained with (bytes, or GPT-2 BPE via tiktoken).
@@ -25,7 +25,7 @@ class SampleConfig:
     num_samples: int = 3               # independent samples
     max_new_tokens: int = 300          # tokens generated per sample
     temperature: float = 0.8           # 1.0 = the model's distribution, < 1 sharper, 0 = greedy
-    top_k: int | None = 40             # keep only the k most likely tokens (None: all)
+    sample_top_k: int | None = 40      # keep only the k most likely tokens (None: all); not GPTConfig.top_k
     seed: int = 1337
     device: str = "auto"               # "auto" | "cpu" | "cuda" | "mps"
 
@@ -64,12 +64,17 @@ def sample(cfg: SampleConfig) -> list[str]:
         raise DataError("--start is empty after encoding; give a non-empty prompt")
     idx = torch.tensor(tokens, dtype=torch.long, device=device)[None].repeat(cfg.num_samples, 1)  # (S, T)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, generator=gen)
+    out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature,
+                         sample_top_k=cfg.sample_top_k, generator=gen)
     return [decode(row.cpu()) for row in out]
 
 
 def main(argv=None) -> int:
-    (cfg,) = parse_overrides(sys.argv[1:] if argv is None else argv, SampleConfig())
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a.split("=")[0] in ("--top_k", "--top-k") for a in argv):   # the flag's old name
+        raise ValueError("unknown option --top_k: the token filter is --sample_top_k "
+                         "(top_k is GPTConfig's number of experts per token)")
+    (cfg,) = parse_overrides(argv, SampleConfig())
     for i, text in enumerate(sample(cfg)):
         print(f"--- sample {i + 1}/{cfg.num_samples} ({cfg.out_dir}) ---\n{text}")
     return 0

@@ -712,7 +712,7 @@ def write_sample(model: GPT, corpus: Corpus, cfg: TrainConfig, rt: Runtime, path
     model.eval()
     with rt.autocast():
         out = model.generate(start, cfg.sample_tokens, temperature=SAMPLE_TEMPERATURE,
-                             top_k=min(SAMPLE_TOP_K, model.config.vocab_size), generator=gen)
+                             sample_top_k=min(SAMPLE_TOP_K, model.config.vocab_size), generator=gen)
     model.train()
     text = corpus.decode(out[0].cpu())
     Path(path).write_text(text)

@@ -127,9 +127,9 @@ def test_generate_is_deterministic_under_a_seed(ffn):
     torch.manual_seed(0)
     m = GPT(tiny(ffn)).eval()
     start = torch.zeros(2, 1, dtype=torch.long)
-    a = m.generate(start, 40, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(7))
-    b = m.generate(start, 40, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(7))
-    c = m.generate(start, 40, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(8))
+    a = m.generate(start, 40, temperature=1.0, sample_top_k=10, generator=torch.Generator().manual_seed(7))
+    b = m.generate(start, 40, temperature=1.0, sample_top_k=10, generator=torch.Generator().manual_seed(7))
+    c = m.generate(start, 40, temperature=1.0, sample_top_k=10, generator=torch.Generator().manual_seed(8))
     assert a.shape == (2, 41) and torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(m.generate(start, 5, temperature=0), m.generate(start, 5, temperature=0))
     with pytest.raises(ValueError, match="temperature"):

@@ -1,0 +1,84 @@
+"""`python -m minimoe.bench gpu` (bench_model.py) in its tiny CPU form: it runs every combination it
+says it runs, its ratios and FLOPs come from its own rows and the model, and it writes its files.
+No timing is asserted."""
+
+import json
+
+import pytest
+import torch
+
+from minimoe import bench, bench_model
+from minimoe.model import GPT
+from minimoe.variants import VARIANTS
+
+MODELS = "tiny-dense,tiny-moe,tiny-aoe,tiny-aoe:d_low=64"
+
+
+def test_tiny_cpu_run_writes_tables_and_json(tmp_path, capsys):
+    r = bench.main(["gpu", "--device=cpu", f"--models={MODELS}", "--compile=off", "--dtype=fp32", "--steps=1",
+                    "--warmup=1", "--batch_size=2", "--seq_len=32", "--sample_tokens=6", f"--out_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert (tmp_path / "bench_model.md").read_text().strip() in out
+    assert json.loads((tmp_path / "bench_model.json").read_text()) == json.loads(json.dumps(r))
+    rows = {(x["model"], x["dispatch"]): x for x in r["train"]}
+    assert set(rows) == {("tiny-dense", "-")} | {(m, d) for m in MODELS.split(",")[1:] for d in ("grouped", "loop")}
+    for (spec, _), row in rows.items():
+        assert "error" not in row, row
+        assert row["tokens_per_sec"] > 0 and row["mfu"] is None and row["peak_mem_bytes"] is None   # CPU
+        with torch.device("meta"):
+            model = GPT(bench_model.model_spec(spec)[0])
+        assert row["flops_per_token"] == model.flops_per_token(32) and row["active"] == model.num_active_params()
+    assert rows[("tiny-aoe:d_low=64", "loop")]["d_low"] == 64 and rows[("tiny-aoe", "loop")]["d_low"] == 16
+    ratios = {(x["model"], x["dispatch"]): x for x in r["ratios"]}
+    assert set(ratios) == {(m, d) for m in ("tiny-aoe", "tiny-aoe:d_low=64") for d in ("grouped", "loop")}
+    for (spec, d), x in ratios.items():
+        assert x["throughput"] == rows[(spec, d)]["tokens_per_sec"] / rows[("tiny-moe", d)]["tokens_per_sec"]
+        assert x["memory"] is None
+    assert ratios[("tiny-aoe:d_low=64", "loop")]["paper_throughput"] == pytest.approx(0.968, abs=1e-3)  # Table 4
+    assert ratios[("tiny-aoe", "loop")]["paper_throughput"] is None        # the paper has no d_low 16
+    assert [s["model"] for s in r["sampling"]] == MODELS.split(",")
+    for s in r["sampling"]:
+        assert s["same_tokens"] and s["speedup"] == s["cache"] / s["no_cache"]   # fp32: cache == reference
+
+
+def test_default_models_cover_presets_and_variants():
+    for device in ("cuda", "cpu"):
+        specs = bench_model.default_models(device)
+        family = "gpt2" if device == "cuda" else "tiny"
+        assert specs[:3] == [f"{family}-dense", f"{family}-moe", f"{family}-aoe"]
+        assert {s.partition("@")[0] for s in specs[4:]} == set(VARIANTS) - {"dense", "moe", "aoe"}
+        cfgs = [bench_model.model_spec(s)[0] for s in specs]
+        assert cfgs[3].low_dim == (64 if device == "cuda" else 8) and cfgs[3].ffn == "aoe"
+    assert bench_model.model_spec("dense@tiny-moe")[0].ffn_dim == 2 * 128      # the variant's override
+    assert bench_model.model_spec("gpt2-moe")[1].grad_clip == 1.0              # the preset's training settings
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("nope", r"unknown preset 'nope'; available presets: gpt2-dense"),
+    ("zzz@tiny-moe", r"model variant 'zzz' is unknown"),
+    ("tiny-aoe:d_low=x", r"model 'tiny-aoe:d_low=x': override 'd_low=x' must be GPTConfig_FIELD=INTEGER"),
+    ("tiny-aoe:nope=3", r"override 'nope=3' must be GPTConfig_FIELD=INTEGER"),
+])
+def test_bad_model_specs(spec, match):
+    with pytest.raises(ValueError, match=match):
+        bench_model.model_spec(spec)
+
+
+@pytest.mark.parametrize("args", [["--models=nope"], ["--dispatch=fast"], ["--steps=0"], ["--seq_len=65"],
+                                  ["--sample_tokens=60"]])
+def test_bad_cli_arguments_exit_with_a_message(args, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["gpu", "--device=cpu", "--models=tiny-moe", *args])
+    assert "error:" in capsys.readouterr().err
+
+
+def test_a_failed_row_is_reported_in_its_table_row():
+    """On a GPU a row can fail (out of memory, a compile error): the table says so and goes on."""
+    meta = dict(device_name="X", torch="2", dtype="bf16", steps=1, warmup=0)
+    row = dict(model="gpt2-aoe", ffn="aoe", params=1e8, active=5e7, flops_per_token=1e9, batch_size=16,
+               seq_len=1024, compile=True, dispatch="grouped", error="CUDA out of memory")
+    lines = bench_model.markdown(meta, [row], [], []).splitlines()
+    assert lines[0] == "# minimoe.bench gpu: X, torch 2, bf16 autocast, 1 timed training steps after 0 warmup"
+    assert lines[-1].startswith("| gpt2-aoe | aoe |") and "failed: CUDA out of memory" in lines[-1]
+    assert lines[-1].count("|") == lines[-3].count("|")       # as many cells as the header
+    assert bench_model.ratios([row]) == []
