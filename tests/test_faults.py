@@ -236,7 +236,7 @@ CORRUPTIONS = {   # name: (how to spoil out_dir/ckpt.pt, what the error says)
     "a tensor": (lambda raw, p: torch.save(torch.zeros(3), p), "holds a Tensor, not a minimoe checkpoint"),
     "a bare state_dict": (lambda raw, p: torch.save(torch.nn.Linear(2, 2).state_dict(), p),
                           "is not a minimoe checkpoint: it lacks model, model_config"),
-    "a pickled object": (lambda raw, p: p.write_bytes(pickle.dumps(Thing(1, 2))), "is not a readable checkpoint"),
+    "a pickled object": (lambda raw, p: p.write_bytes(pickle.dumps(Thing(1, 2), protocol=2)), "is not a readable checkpoint"),
     "torch-saved object": (lambda raw, p: torch.save({"model": Thing(1, 2)}, p), "is not a readable checkpoint"),
     "no model_config": (_edit(model_config=KeyError), "lacks model_config"),
     "model is a string": (_edit(model="weights"), "is corrupt: model is a str"),
