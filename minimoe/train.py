@@ -507,6 +507,10 @@ def no_checkpoint(path: Path) -> FileNotFoundError:
                              f"or point --out_dir at a folder that has {CHECKPOINT}")
 
 
+def folder_named_checkpoint(path: Path) -> CheckpointError:
+    return CheckpointError(f"{path} is a directory, not a checkpoint file; move it away or use another --out_dir")
+
+
 def save_checkpoint(path, state: dict) -> None:
     """torch.save to a temporary file, then rename: a crash never leaves a half-written ckpt.pt,
     and a failed write (a full disk) keeps the previous checkpoint and says so in one line."""
@@ -531,7 +535,7 @@ def load_checkpoint(path, map_location="cpu", keys=MODEL_KEYS) -> dict:
     foreign file, a folder named ckpt.pt) raises a one-line CheckpointError naming the file."""
     path = checkpoint_path(path)
     if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file; move it away or use another --out_dir")
+        raise folder_named_checkpoint(path)
     if not path.is_file():
         raise no_checkpoint(path)
     if path.stat().st_size == 0:
@@ -539,7 +543,9 @@ def load_checkpoint(path, map_location="cpu", keys=MODEL_KEYS) -> dict:
                               f"with --overwrite=true")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:                # truncated zip, random bytes, pickled objects, I/O errors
+    except OSError as e:                  # permissions, a failing disk
+        raise CheckpointError(f"{path} cannot be read ({one_line(e, 120)})") from None
+    except Exception as e:                # truncated zip, random bytes, pickled objects
         raise CheckpointError(f"{path} is not a readable checkpoint ({one_line(e, 120)}); it is truncated, "
                               f"corrupt or not a minimoe {CHECKPOINT}") from None
     if not isinstance(ckpt, dict):
@@ -600,7 +606,8 @@ def check_resume(ckpt: dict, model_config: GPTConfig, cfg: TrainConfig, tokens_p
                  fingerprint: str | None = None, notify=print) -> None:
     """A checkpoint continues only the run that wrote it: same model, data, seed and batch."""
     saved, now = ckpt["model_config"], asdict(model_config)
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in [*now, *(k for k in saved if k not in now)]
+    keys = [*now, *(k for k in saved if k not in now)]          # a field this version lacks differs too
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in keys
             if saved.get(k) != now.get(k) and k not in RESUMABLE_MODEL_FIELDS]
     if diff:
         raise ValueError(f"cannot resume from {path}: it holds a different model ({'; '.join(diff)}). "
@@ -639,7 +646,7 @@ def refuse_overwrite(out_dir, cfg: TrainConfig) -> None:
     """The out_dir policy: a scratch run never replaces a checkpoint unless --overwrite=true."""
     path = Path(out_dir) / CHECKPOINT
     if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file; move it away or use another --out_dir")
+        raise folder_named_checkpoint(path)
     if cfg.init_from == "scratch" and not cfg.overwrite and path.exists():
         raise ValueError(f"{path} already holds a checkpoint ({describe_checkpoint(path)}); continue it with "
                          f"--init_from=resume, start over with --overwrite=true (which replaces it), or "
@@ -801,6 +808,7 @@ class LoopState:
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict | None, device: torch.device, t_start: float) -> "LoopState":
+        """The state a checkpoint saved (to_checkpoint), or that of a fresh run for ckpt=None."""
         ckpt = ckpt or {"loss_sum": 0.0, "aux_sum": 0.0, "iter": 0, "best_val_loss": math.inf,
                         "steps_since_eval": 0, "train_time": 0.0, "tokens_run": 0}
         sums = [torch.zeros((), device=device).fill_(ckpt[k]) for k in ("loss_sum", "aux_sum")]
@@ -902,9 +910,11 @@ def build_run(model_config: GPTConfig, cfg: TrainConfig, rt: Runtime, corpus: Co
     train_batches = BatchSampler(corpus.train, cfg.batch_size, model_config.block_size, seed=cfg.seed,
                                  rank=rt.rank, world_size=rt.world_size)
     val_batches = BatchSampler(corpus.val, cfg.batch_size, model_config.block_size, seed=VAL_SEED)
-    with restoring(path, "training state"):
-        state = LoopState.from_checkpoint(ckpt, rt.device, t_start)
-        if ckpt is not None:
+    state = LoopState.from_checkpoint(ckpt, rt.device, t_start)
+    if ckpt is None:
+        torch.manual_seed(cfg.seed + rt.rank)         # dropout masks differ across ranks
+    else:
+        with restoring(path, "training state"):
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
@@ -915,8 +925,6 @@ def build_run(model_config: GPTConfig, cfg: TrainConfig, rt: Runtime, corpus: Co
                     torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
             else:
                 torch.manual_seed(cfg.seed + 1000 * rt.rank + state.iter)
-        else:
-            torch.manual_seed(cfg.seed + rt.rank)     # dropout masks differ across ranks
     fwd = torch.compile(model) if cfg.compile else model
     if rt.ddp:
         fwd = DDP(fwd, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
@@ -931,7 +939,7 @@ def start_files(run: Run, state: LoopState) -> None:
     if not rt.master:
         return
     log_path = run.out_dir / "log.jsonl"
-    if run.resumed and log_path.exists():        # rows up to the checkpoint; a line cut short by a crash is dropped
+    if run.resumed and log_path.exists():     # rows up to the checkpoint; a line cut short by a crash is dropped
         for line in log_path.read_text().splitlines():
             with suppress(ValueError):
                 row = json.loads(line)

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from collections import namedtuple
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +45,9 @@ def ckpt_iter(out_dir):
     return torch.load(Path(out_dir) / "ckpt.pt", weights_only=True)["iter"]
 
 
-def script(name, *args, env=None):
-    return subprocess.run([sys.executable, name, *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**ENV, **(env or {})}, timeout=120)
+def script(name, *args):
+    return subprocess.run([sys.executable, name, *args], cwd=ROOT, capture_output=True, text=True, env=ENV,
+                          timeout=120)
 
 
 def assert_one_line_error(r, text):
@@ -57,6 +56,14 @@ def assert_one_line_error(r, text):
     lines = [line for line in r.stderr.splitlines() if line.startswith("error")]
     assert len(lines) == 1 and text in lines[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def train_small_args(tmp_path):
+    data = tmp_path / "code.py"
+    data.write_text(Path(shutil.__file__).read_text())
+    return ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--d_ffn=32", "--batch_size=4",
+            "--eval_iters=2", "--eval_interval=2", "--log_interval=1", "--warmup_iters=1", "--progress=false",
+            "--device=cpu", "--threads=1", f"--data={data}", f"--out_dir={tmp_path / 'out'}"]
 
 
 # --------------------------------------------------------------------------- 1. silent loss of work
@@ -85,14 +92,6 @@ def test_train_small_refuses_before_training_anything_and_still_resumes_partial_
     assert [r["iter"] for r in read_log(tmp_path / "out" / "aoe")] == [0, 2, 4]
     assert train_small.main([*common, "--overwrite=true"]) == 0       # start over on purpose
     assert [ckpt_iter(tmp_path / "out" / k) for k in ("dense", "moe", "aoe")] == [2, 2, 2]
-
-
-def train_small_args(tmp_path):
-    data = tmp_path / "code.py"
-    data.write_text(Path(shutil.__file__).read_text())
-    return ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--d_ffn=32", "--batch_size=4",
-            "--eval_iters=2", "--eval_interval=2", "--log_interval=1", "--warmup_iters=1", "--progress=false",
-            "--device=cpu", "--threads=1", f"--data={data}", f"--out_dir={tmp_path / 'out'}"]
 
 
 def test_second_run_into_a_locked_out_dir_fails_at_once(tmp_path):
@@ -196,7 +195,8 @@ def test_nan_weights_on_one_rank_stop_every_rank(tmp_path):
         p.join(timeout=180)
     alive = [p.is_alive() for p in procs]
     for p in procs:
-        p.kill() if p.is_alive() else None
+        if p.is_alive():
+            p.kill()
     assert alive == [False, False]               # nobody hangs
     for r in (0, 1):
         assert (tmp_path / f"rank{r}").read_text().startswith("TrainingDiverged: weights became NaN/inf by iter 2")
@@ -236,7 +236,8 @@ CORRUPTIONS = {   # name: (how to spoil out_dir/ckpt.pt, what the error says)
     "a tensor": (lambda raw, p: torch.save(torch.zeros(3), p), "holds a Tensor, not a minimoe checkpoint"),
     "a bare state_dict": (lambda raw, p: torch.save(torch.nn.Linear(2, 2).state_dict(), p),
                           "is not a minimoe checkpoint: it lacks model, model_config"),
-    "a pickled object": (lambda raw, p: p.write_bytes(pickle.dumps(Thing(1, 2), protocol=2)), "is not a readable checkpoint"),
+    "a pickled object": (lambda raw, p: p.write_bytes(pickle.dumps(Thing(1, 2), protocol=2)),
+                         "is not a readable checkpoint"),
     "torch-saved object": (lambda raw, p: torch.save({"model": Thing(1, 2)}, p), "is not a readable checkpoint"),
     "no model_config": (_edit(model_config=KeyError), "lacks model_config"),
     "model is a string": (_edit(model="weights"), "is corrupt: model is a str"),
