@@ -1083,6 +1083,10 @@ def train(model_config: GPTConfig, cfg: TrainConfig, *, corpus: Corpus | None = 
     the last evaluation's numbers; tokens_per_sec counts all ranks' training tokens per second of
     training (evaluation excluded), mfu is per device. When a signal stopped the run, `interrupted`
     is the signal's name ("SIGINT"/"SIGTERM") and no sample is written.
+    Raises, before step 0 and with one line that says what to do: ValueError (bad settings, an
+    out_dir in use or holding a checkpoint a scratch run would replace, no room on disk or in
+    memory, a resume of another run; CheckpointError: an unusable ckpt.pt), FileNotFoundError (no
+    checkpoint to resume); during training TrainingDiverged (NaN/inf; the last good ckpt.pt is kept).
     """
     t_start = time.perf_counter()
     rt = setup(cfg)
