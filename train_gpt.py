@@ -9,6 +9,9 @@ defaults), applies `--field=value` overrides for any GPTConfig or TrainConfig fi
 hands both to minimoe.train.train, the same loop train_small.py uses. train() notices torchrun
 (RANK / WORLD_SIZE / LOCAL_RANK in the environment) and runs DDP: NCCL on CUDA, gloo on CPU.
 
+out_dir holds one run: a second run into it fails at once (a lock), and a new run refuses an out_dir
+that holds ckpt.pt: --init_from=resume continues it, --overwrite=true starts over (minimoe/train.py).
+
 Data: the GPT-2-scale presets read the FineWeb-Edu shards that
 `python -m minimoe.prepare fineweb` writes; the tiny presets read the built-in stdlib corpus.
 `python -m minimoe.presets` lists the presets with their parameter and FLOP counts.

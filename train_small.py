@@ -4,6 +4,7 @@
     python train_small.py --model=aoe --max_iters=600
     python train_small.py --seeds=3                # the comparison over 3 seeds: mean +- std
     python train_small.py --init_from=resume       # continue after Ctrl-C (it saves a checkpoint)
+    python train_small.py --overwrite=true         # start over in an out_dir that holds checkpoints
     python train_small.py --help                   # every option with its default
     python -m minimoe.sample --out_dir=out-small/aoe --start="def "
 
@@ -34,7 +35,8 @@ from minimoe.data import load_corpus
 from minimoe.model import GPT, GPTConfig
 from minimoe.study import laptop_model, laptop_train
 from minimoe.plots import plot_expert_load, plot_losses, plot_routing_entropy, read_log
-from minimoe.train import TrainConfig, TrainingDiverged, parse_overrides, resolve_device, train
+from minimoe.train import (TrainConfig, TrainingDiverged, parse_overrides, refuse_overwrite, resolve_device,
+                           train)
 from minimoe.variants import variant_config
 
 KINDS = ("dense", "moe", "aoe")
@@ -141,6 +143,9 @@ def main(argv=None) -> int:
                                              for kd in kinds for k in range(small.seeds)):
         raise FileNotFoundError(f"--init_from=resume: no checkpoint in {out}/{{{','.join(kinds)}}}"
                                 f"{'/seed*' if small.seeds > 1 else ''}; start without --init_from=resume")
+    for kd in kinds:                 # refuse before training anything, not after the first model
+        for k in range(small.seeds):
+            refuse_overwrite(run_dir(kd, k), cfg)
 
     # --- sizes: print how the three are matched ---
     configs = {kind: model_config_for(kind, base) for kind in kinds}
