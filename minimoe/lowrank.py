@@ -7,6 +7,8 @@ arguing that trained weights are close to low rank anyway (its §3). We use SVD 
 Eckart-Young: keeping the r largest singular values, W_r = U_r S_r V_r^T, is the best rank-r
 approximation of W in Frobenius (and spectral) norm, with relative error
     ||W - W_r||_F / ||W||_F = sqrt(sum_{j>r} s_j^2 / sum_j s_j^2) = sqrt(1 - energy(r)).
+That is the best error on the *weights*. A layer only ever computes x W on its own inputs, and
+whitened_svd_factorize gives the best rank-r error on those instead.
 """
 
 from dataclasses import replace
@@ -28,6 +30,27 @@ def svd_factorize(W: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     U, S, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)   # U (m, k), S (k,), Vh (k, n)
     root = S[:rank].sqrt()
     return U[:, :rank] * root, root[:, None] * Vh[:rank]
+
+
+def whitened_svd_factorize(W: torch.Tensor, X: torch.Tensor, rank: int,
+                           eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation-aware ("whitened") SVD: A (m, r), B (r, n) minimizing ||X W - X A B||_F, the error
+    on the inputs X (N, m) rather than on the weights, so directions the inputs rarely use cost little.
+
+    With C = X^T X (m, m): ||X Z||_F^2 = tr(Z^T C Z) = ||C^(1/2) Z||_F^2, so the problem is Eckart-Young
+    for C^(1/2) W: take its rank-r SVD U_r S_r V_r^T and map back, A = C^(-1/2) U_r sqrt(S_r),
+    B = sqrt(S_r) V_r^T. Eigenvalues of C below eps * its largest are clamped (directions X never uses).
+    If C is a multiple of the identity this is svd_factorize(W, rank)."""
+    m, n = W.shape
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank={rank} must be between 1 and min(m, n)={min(m, n)} for a {m}x{n} matrix")
+    if X.shape[-1] != m:
+        raise ValueError(f"X has {X.shape[-1]} features, W has {m} rows")
+    X = X.detach().float().reshape(-1, m)
+    lam, Q = torch.linalg.eigh(X.T @ X)                      # C = Q diag(lam) Q^T
+    root = lam.clamp_min(eps * lam.max()).sqrt()             # (m,)
+    A, B = svd_factorize((Q * root) @ Q.T @ W.detach().float(), rank)   # factors of C^(1/2) W
+    return (Q / root) @ Q.T @ A, B                           # C^(-1/2) A, B
 
 
 def rank_profile(W: torch.Tensor) -> dict:

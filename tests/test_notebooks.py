@@ -139,7 +139,25 @@ def test_01_low_rank_factorization_runs(run_notebook, workdir):
     svd, formula = float(errors["truncated SVD (top r)"]), float(errors["formula sqrt(1 - energy(r))"])
     assert svd == formula
     assert all(float(v) >= svd for v in errors.values())
+    # spectral norm: the SVD's error is s_(r+1), and no other candidate does better
+    spec = re.search(r"s_\(r\+1\) = (\d\.\d+); spectral norm .*$", out, re.M)
+    spectral = [float(v) for v in re.findall(r"(\d+\.\d+)", spec.group(0).split(":", 1)[1])]
+    assert spectral[0] == float(spec.group(1)) == min(spectral)
     assert "4392" in out and "3264" in out                   # Eq. 5's d_wide at the paper's scale
+    # the hand-made SVD (power iteration + deflation) is torch's
+    assert "same s, U and V as torch (up to sign): True True True" in out
+    # on real activations the whitened SVD beats the plain one (and loses on the weights), and gradient
+    # descent on the activation error finds the whitened SVD's error, not the plain one's
+    at = {k: (float(w), float(a)) for k, w, a in re.findall(
+        r"^at r = d_low = 24: (plain|whitened) SVD\s+weight error (\d\.\d+), activation error (\d\.\d+)$", out, re.M)}
+    assert at["whitened"][1] < at["plain"][1] < at["plain"][0] < at["whitened"][0], at
+    fit = dict(re.findall(r"^expert 0, rank 24, (.+?)\s+error on val activations (\d\.\d+)", out, re.M))
+    adam, white, plain = (float(fit[k]) for k in ("A @ B fitted by Adam on activations", "whitened SVD", "plain SVD"))
+    assert abs(adam - white) < 0.01 < plain - adam, fit
+    # the balanced split minimizes ||A||^2 + ||B||^2, to 2 ||W_r||_*
+    nuclear = float(re.search(r"2 sum\(s_j\) = (\d+\.\d+)", out).group(1))
+    splits = {float(a): float(v) for a, v in re.findall(r"alpha=(\d\.\d+): \|\|W_down\|\|\^2 \+ \|\|W_up\|\|\^2 =\s+(\d+\.\d+)", out)}
+    assert len(splits) == 5 and splits[0.5] == nuclear == min(splits.values())
     assert images_of(nb) >= 2 and (workdir / "figures" / "01_spectrum.png").is_file()
 
 
