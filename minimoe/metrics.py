@@ -14,7 +14,9 @@ activation at one node of Eq. 1:
                          (and hence lowrank.moe_to_aoe) produces                            (N, E, r)
 
 The K experts with the largest norms are selected and weighted by the softmax of their norms (as in
-AoE, Alg. 2). Everything after the choice is the MoE's own experts, run by dispatch.py's pieces.
+AoE, Alg. 2). Rule.gates swaps the weighting alone (router softmax, norm softmax or equal gates), so a
+comparison can separate *which* experts a rule picks from *how* it weighs them; Rule.part ranks by the
+norm of the positive (or negative) entries of a node only, to test what the sign of x W contributes. Everything after the choice is the MoE's own experts, run by dispatch.py's pieces.
 `evaluate_rule` swaps a whole model's selection rule and measures validation loss, plus how often
 the new rule picks the same experts as the router would have on the very same layer input.
 
@@ -52,6 +54,9 @@ NODES = {
     "svd_down": "x W_down (rank-r SVD of W_g)",
 }
 RULE_KINDS = ("router", "norm", "random")
+GATE_KINDS = ("own", "router", "norm", "equal")   # "own": router->router, norm->norm, random->equal
+PARTS = ("all", "pos", "neg")                     # the whole activation, ReLU(a) or ReLU(-a)
+_OWN_GATES = {"router": "router", "norm": "norm", "random": "equal"}
 
 
 # --------------------------------------------------------------------------- activations at a node
@@ -107,17 +112,31 @@ class Rule:
     Rule("norm", "x_wg")              largest ||activation at node||_ord, gates softmax(norms[I])
     Rule("norm", "svd_down", rank=8)  the same at the rank-8 SVD factor x W_down (AoE's score)
     Rule("random", seed=0)            K experts uniformly at random, equal gates 1/K
+    Rule("norm", "x_wg", part="pos")  rank by ||ReLU(x W_g)||: the positive entries only
+
+    gates= keeps the choice of experts and swaps how they are weighted (a control):
+    Rule("norm", "hidden", gates="router")  the norm's experts, weighted by the router's softmax
+    Rule("router", "hidden", gates="norm")  the router's experts, weighted by softmax(||hidden||)
+    Rule("router", gates="equal")           the router's experts, 1/K each
+    Weights other than "equal" are softmax(scores) at the chosen experts, renormalized to sum to 1
+    if the MoE renormalizes (as route() does).
     """
     kind: str = "router"
     node: str | None = None
     rank: int | None = None
     ord: float = 2.0          # norm order: 2 (L2, the paper's choice), 1, or math.inf
     seed: int = 0             # for kind="random"
+    gates: str = "own"        # how the chosen experts are weighted: one of GATE_KINDS
+    part: str = "all"         # rank (and gate) by the norm of: all entries, ReLU(a) or ReLU(-a)
 
     def __post_init__(self):
         if self.kind not in RULE_KINDS:
             raise ValueError(f"Rule.kind={self.kind!r} is invalid: allowed values are {RULE_KINDS}")
-        if self.kind == "norm":
+        if self.gates not in GATE_KINDS:
+            raise ValueError(f"Rule.gates={self.gates!r} is invalid: allowed values are {GATE_KINDS}")
+        if self.part not in PARTS:
+            raise ValueError(f"Rule.part={self.part!r} is invalid: allowed values are {PARTS}")
+        if self.uses_norm:
             if self.node not in NODES:
                 raise ValueError(f"Rule.node={self.node!r} is invalid: a norm rule needs one of {list(NODES)}")
             if self.node == "svd_down" and (not isinstance(self.rank, int) or self.rank < 1):
@@ -127,19 +146,51 @@ class Rule:
                 raise ValueError(f"Rule.rank={self.rank!r} is invalid: rank only applies to node='svd_down'")
             if self.ord not in (1, 2, math.inf):
                 raise ValueError(f"Rule.ord={self.ord!r} is invalid: use 1, 2 or math.inf")
-        elif self.node is not None or self.rank is not None:
-            raise ValueError(f"Rule(kind={self.kind!r}) takes no node/rank (got node={self.node!r}, "
-                             f"rank={self.rank!r}); use kind='norm' to rank by a node")
+        elif self.node is not None or self.rank is not None or self.part != "all":
+            raise ValueError(f"Rule(kind={self.kind!r}) takes no node/rank/part (got node={self.node!r}, "
+                             f"rank={self.rank!r}, part={self.part!r}); use kind='norm' to rank by a node, "
+                             f"or gates='norm' to weight by one")
+
+    @property
+    def uses_norm(self) -> bool:
+        """Whether a node's norms are computed: to choose (kind="norm") or to weigh (gates="norm")."""
+        return self.kind == "norm" or self.gates == "norm"
+
+    @property
+    def weighting(self) -> str:
+        """The gates actually used: "own" resolved to router / norm / equal."""
+        return _OWN_GATES[self.kind] if self.gates == "own" else self.gates
+
+    @property
+    def swapped(self) -> bool:
+        """True for a control: the experts of one rule with another rule's weights."""
+        return self.weighting != _OWN_GATES[self.kind]
+
+    @property
+    def norm_label(self) -> str:
+        name = {1: "L1", 2: "L2", math.inf: "Linf"}[self.ord]
+        node = NODES[self.node].replace("rank-r", f"rank-{self.rank}")
+        part = {"all": "", "pos": ", positive part", "neg": ", negative part"}[self.part]
+        return f"{name} norm of {node}{part}"
 
     @property
     def label(self) -> str:
-        if self.kind == "router":
-            return "router (trained)"
-        if self.kind == "random":
-            return "random experts"
-        name = {1: "L1", 2: "L2", math.inf: "Linf"}[self.ord]
-        node = NODES[self.node].replace("rank-r", f"rank-{self.rank}")
-        return f"{name} norm of {node}"
+        base = {"router": "router (trained)", "random": "random experts"}.get(self.kind) or self.norm_label
+        if not self.swapped:
+            return base
+        if self.weighting == "norm":
+            return f"{base.replace(' (trained)', '')}, gates by {self.norm_label}"
+        return f"{base.replace(' (trained)', '')}, {self.weighting} gates"
+
+
+def node_scores(moe: MoE, x: torch.Tensor, node: str, rank: int | None = None, ord: float = 2.0,
+                part: str = "all", w_down: torch.Tensor | None = None) -> torch.Tensor:
+    """Every expert's vote: ||activation at node||_ord, of the part="pos"/"neg" entries only if asked.
+    x (N, D) -> (N, E)"""
+    a = node_activations(moe, x, node, rank, w_down).float()            # (N, E, width)
+    if part != "all":
+        a = F.relu(a if part == "pos" else -a)                          # keep one sign, zero the other
+    return torch.linalg.vector_norm(a, ord=ord, dim=-1)                 # (N, E)
 
 
 def select_experts(moe: MoE, x: torch.Tensor, rule: Rule, generator: torch.Generator | None = None,
@@ -147,18 +198,30 @@ def select_experts(moe: MoE, x: torch.Tensor, rule: Rule, generator: torch.Gener
     """Choose each token's K experts under `rule`.  x (N, D) -> Routing with (N, K) gates/experts."""
     _check_moe(moe)
     K, E = moe.top_k, moe.n_experts
+    norms = (node_scores(moe, x, rule.node, rule.rank, rule.ord, rule.part, w_down)
+             if rule.uses_norm else None)                                     # (N, E)
     if rule.kind == "router":
-        return route(moe.router(x), K, moe.renormalize)
-    if rule.kind == "norm":
-        a = node_activations(moe, x, rule.node, rule.rank, w_down)          # (N, E, width)
-        scores = torch.linalg.vector_norm(a.float(), ord=rule.ord, dim=-1)   # (N, E)
-        return route(scores, K, moe.renormalize)
-    N = x.shape[0]
-    scores = torch.rand(N, E, generator=generator).to(x.device)             # (N, E) i.i.d. uniform
-    experts = scores.topk(K, dim=-1).indices                                 # a uniform random K-subset
-    probs = torch.full((N, E), 1.0 / E, device=x.device)
-    gates = torch.full((N, K), 1.0 / K, device=x.device)
-    return Routing(scores, probs, gates, experts)
+        r = route(moe.router(x), K, moe.renormalize)
+    elif rule.kind == "norm":
+        r = route(norms, K, moe.renormalize)
+    else:
+        N = x.shape[0]
+        scores = torch.rand(N, E, generator=generator).to(x.device)         # (N, E) i.i.d. uniform
+        experts = scores.topk(K, dim=-1).indices                             # a uniform random K-subset
+        probs = torch.full((N, E), 1.0 / E, device=x.device)
+        gates = torch.full((N, K), 1.0 / K, device=x.device)
+        r = Routing(scores, probs, gates, experts)
+    if not rule.swapped:
+        return r
+    # the control: keep r's experts, weigh them another way
+    if rule.weighting == "equal":
+        gates = torch.full(r.experts.shape, 1.0 / K, device=x.device)       # (N, K)
+    else:
+        w = moe.router(x) if rule.weighting == "router" else norms          # (N, E)
+        gates = F.softmax(w.float(), dim=-1).gather(1, r.experts)          # (N, K)
+        if moe.renormalize:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+    return Routing(r.scores, r.probs, gates, r.experts)
 
 
 def run_experts(moe: MoE, x: torch.Tensor, r: Routing) -> torch.Tensor:
@@ -259,7 +322,8 @@ def use_rule(model, rule: Rule):
 def evaluate_rule(model, batches, rule: Rule = Rule("router")) -> dict:
     """Mean cross-entropy of `model` on `batches` [(x, y), ...] with every MoE layer using `rule`,
     its agreement with the router (averaged over tokens and layers; 1.0 for the router) and how
-    evenly it spreads tokens (ent_load: Eq. 7 over log E, 1.0 = perfectly balanced)."""
+    evenly it spreads tokens (ent_load: Eq. 7 over log E, 1.0 = perfectly balanced).
+    batch_losses: the loss of each batch, in order, for error bars (bootstrap_batches)."""
     was_training = model.training
     model.eval()
     try:
@@ -273,7 +337,26 @@ def evaluate_rule(model, batches, rule: Rule = Rule("router")) -> dict:
         model.train(was_training)
     mean = {k: float(np.mean([a[k] for a in per_layer.values()]))
             for k in ("same_set", "overlap", "top1", "ent_load")}
-    return {"rule": rule.label, "val_loss": float(np.mean(losses)), **mean, "per_layer": per_layer}
+    return {"rule": rule.label, "val_loss": float(np.mean(losses)), **mean, "per_layer": per_layer,
+            "batch_losses": losses}
+
+
+def bootstrap_batches(losses, stat, n_boot: int = 2000, level: float = 0.95, seed: int = 0):
+    """Percentile bootstrap over validation batches, paired: losses (R, B) holds R rules' losses on
+    the SAME B batches, and every resample draws one set of batch indices for all rows, so the
+    batch-to-batch variation that all rules share cancels in differences between them.
+    stat maps an (R, B') array to a number or an (R,) array (e.g. the gap closed of every rule).
+    -> (lo, hi), each like stat's output: the central `level` interval of stat over the resamples.
+    It measures how much the numbers depend on which text was evaluated, not on the training seed."""
+    losses = np.asarray(losses, dtype=float)
+    if losses.ndim != 2 or losses.shape[1] < 2:
+        raise ValueError(f"losses must be (rules, batches) with at least 2 batches, got {losses.shape}")
+    rng = np.random.default_rng(seed)
+    B = losses.shape[1]
+    draws = np.stack([np.asarray(stat(losses[:, rng.integers(0, B, B)]), dtype=float)
+                      for _ in range(n_boot)])                          # (n_boot, ...)
+    tail = (1 - level) / 2 * 100
+    return np.percentile(draws, tail, axis=0), np.percentile(draws, 100 - tail, axis=0)
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from minimoe.lowrank import moe_to_aoe, svd_factorize
-from minimoe.metrics import (BYTE_CLASSES, NODES, Rule, byte_class, chance_agreement, evaluate_rule,
+from minimoe.metrics import (BYTE_CLASSES, NODES, Rule, bootstrap_batches, byte_class, chance_agreement, evaluate_rule,
                              expert_byte_classes, expert_choices, ffn_inputs, format_table,
                              node_activations, run_experts, select_experts, top_tokens_per_expert,
                              topk_agreement, train_or_load, use_rule)
@@ -71,6 +71,51 @@ def test_norm_rule_picks_and_weights_like_a_per_token_loop(node, ord_):
         g, idx = torch.softmax(norms, -1).topk(K)
         assert r.experts[n].tolist() == idx.tolist()
         torch.testing.assert_close(r.gates[n], (g / g.sum()).detach())
+
+
+@pytest.mark.parametrize("part", ["pos", "neg"])
+def test_norm_of_one_sign_like_a_per_token_loop(part):
+    moe, _ = make_moe(seed=6)
+    x = torch.randn(7, D)
+    r = select_experts(moe, x, Rule("norm", "x_wg", part=part))
+    sign = 1 if part == "pos" else -1
+    for n in range(7):
+        a = torch.stack([expert_node_by_hand(moe, x[n], i, "x_wg") for i in range(E)])   # (E, H)
+        norms = F.relu(sign * a).norm(dim=-1)
+        g, idx = torch.softmax(norms, -1).topk(K)
+        assert r.experts[n].tolist() == idx.tolist()
+        torch.testing.assert_close(r.gates[n], (g / g.sum()).detach())
+    # the two parts split the squared norm: ||a||^2 = ||a+||^2 + ||a-||^2
+    pos, neg = (select_experts(moe, x, Rule("norm", "x_wg", part=p)).scores for p in ("pos", "neg"))
+    torch.testing.assert_close(pos ** 2 + neg ** 2, select_experts(moe, x, Rule("norm", "x_wg")).scores ** 2)
+
+
+def test_swapped_gates_keep_the_experts_and_change_only_the_weights():
+    moe, _ = make_moe(seed=7)
+    x = torch.randn(9, D)
+    router = select_experts(moe, x, Rule("router"))
+    norm = select_experts(moe, x, Rule("norm", "hidden"))
+    assert not torch.equal(router.experts, norm.experts)          # the swap is not trivial here
+    logits = moe.router(x).detach()
+    for n in range(9):
+        # the norm's experts, weighted by the router's softmax over all E, renormalized over the K
+        r = select_experts(moe, x, Rule("norm", "hidden", gates="router"))
+        assert torch.equal(r.experts, norm.experts)
+        p = torch.softmax(logits[n], -1)[norm.experts[n]]
+        torch.testing.assert_close(r.gates[n], p / p.sum())
+        # the router's experts, weighted by the softmax of the hidden node's norms
+        r = select_experts(moe, x, Rule("router", "hidden", gates="norm"))
+        assert torch.equal(r.experts, router.experts)
+        p = torch.softmax(norm.scores[n], -1)[router.experts[n]]
+        torch.testing.assert_close(r.gates[n], p / p.sum())
+    for rule in (Rule("router", gates="equal"), Rule("norm", "x_wp", gates="equal")):
+        torch.testing.assert_close(select_experts(moe, x, rule).gates, torch.full((9, K), 1 / K))
+    rnd = select_experts(moe, x, Rule("random", seed=1, gates="router"), torch.Generator().manual_seed(3))
+    same = select_experts(moe, x, Rule("random", seed=1), torch.Generator().manual_seed(3))
+    assert torch.equal(rnd.experts, same.experts) and not torch.allclose(rnd.gates, same.gates)
+    # asking for a rule's own weighting is the rule itself
+    own = select_experts(moe, x, Rule("router", gates="router"))
+    assert torch.equal(own.gates, router.gates) and not Rule("router", gates="router").swapped
 
 
 def test_router_rule_reproduces_the_moe_layer():
@@ -147,6 +192,18 @@ def test_rule_validation_messages():
         Rule("router", "x_wg")
     assert Rule("norm", "svd_down", rank=16).label == "L2 norm of x W_down (rank-16 SVD of W_g)"
     assert Rule("norm", "hidden", ord=math.inf).label == "Linf norm of SiLU(x W_g) * x W_p"
+    with pytest.raises(ValueError, match="Rule.gates='best'"):
+        Rule("norm", "x_wg", gates="best")
+    with pytest.raises(ValueError, match="Rule.part='abs'"):
+        Rule("norm", "x_wg", part="abs")
+    with pytest.raises(ValueError, match="takes no node/rank/part"):
+        Rule("random", part="pos")
+    with pytest.raises(ValueError, match="Rule.node=None"):
+        Rule("router", gates="norm")                                # weighing by norms needs a node
+    assert Rule("router", "x_wg", gates="norm").label == "router, gates by L2 norm of x W_g"
+    assert Rule("norm", "x_wg", gates="router").label == "L2 norm of x W_g, router gates"
+    assert Rule("random", gates="equal").label == "random experts"
+    assert Rule("norm", "x_wg", part="neg").label == "L2 norm of x W_g, negative part"
     moe, cfg = make_moe()
     aoe = moe_to_aoe(moe, cfg, 4)
     with pytest.raises(TypeError, match="got AoE"):
@@ -194,6 +251,31 @@ def test_evaluate_rule_loss_matches_a_manual_forward_under_the_rule():
         logits = model.lm_head(model.norm_f(h))
         ref = F.cross_entropy(logits.view(-1, 64), y.view(-1)).item()
     assert evaluate_rule(model, [(x, y)], rule)["val_loss"] == pytest.approx(ref, rel=1e-5)
+
+
+def test_evaluate_rule_reports_each_batch():
+    model = make_gpt(seed=3)
+    batches = [(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))) for _ in range(3)]
+    res = evaluate_rule(model, batches, Rule("norm", "x_wg", gates="router"))
+    assert len(res["batch_losses"]) == 3 and res["val_loss"] == pytest.approx(np.mean(res["batch_losses"]))
+    assert res["rule"] == "L2 norm of x W_g, router gates"
+
+
+def test_bootstrap_batches_is_paired_and_covers_the_mean():
+    rng = np.random.default_rng(0)
+    base = rng.normal(2.0, 0.3, size=40)
+    losses = np.stack([base, base + 0.05])               # rule 1 is worse by exactly 0.05 on every batch
+    lo, hi = bootstrap_batches(losses, lambda L: L.mean(1))
+    assert lo.shape == (2,) and (lo < losses.mean(1)).all() and (losses.mean(1) < hi).all()
+    assert 0.05 < hi[0] - lo[0] < 0.4                     # about 2 * 1.96 * 0.3 / sqrt(40) = 0.19
+    # paired: the batch-to-batch noise cancels in the difference
+    lo_d, hi_d = bootstrap_batches(losses, lambda L: L[1].mean() - L[0].mean())
+    assert lo_d == pytest.approx(0.05) and hi_d == pytest.approx(0.05)
+    # the same seed gives the same interval, another one a different interval
+    assert bootstrap_batches(losses, lambda L: L.mean(1))[0][0] == lo[0]
+    assert bootstrap_batches(losses, lambda L: L.mean(1), seed=1)[0][0] != lo[0]
+    with pytest.raises(ValueError, match="at least 2 batches"):
+        bootstrap_batches(np.ones((3, 1)), lambda L: L.mean())
 
 
 def test_use_rule_needs_expert_layers():

@@ -168,11 +168,31 @@ def test_02_norm_ranking_runs(run_notebook, workdir):
     assert "same experts as minimoe chose: True" in out
     logged = re.search(r"router val loss (\d+\.\d+); the run logged (\d+\.\d+)", out)
     assert logged and logged.group(1) == logged.group(2)
-    rows = re.findall(r"^(router \(trained\)|random experts|L\S+ norm of .+?)\s+(\d+\.\d+)\s+(-?\d+)%"
-                      r"\s+(\d\.\d\d)\s+(\d\.\d\d)\s+(\d\.\d\d)\s+(\d\.\d\d)$", out, re.M)
+    # the 2-D toy: a linear node's norm cannot tell x from -x, a linear router always does
+    assert re.search(r"^norm of a linear node.+x and -x at 100% of the points, for x and 3x at 100%$", out, re.M)
+    assert re.search(r"^linear router.+x and -x at 0% of the points", out, re.M)
+    ci = r"(-?\d+\.\d+) \[(-?\d+\.\d+), (-?\d+\.\d+)\]"
+    rows = re.findall(r"^(router \(trained\)|random experts|L\S+ norm of .+?)\s+" + ci +
+                      r"\s+(-?\d+)% \[\s*(-?\d+)%,\s*(-?\d+)%\]\s+(\d\.\d\d)\s+(\d\.\d\d)\s+(\d\.\d\d)"
+                      r"\s+(\d\.\d\d)\s+[+-]\d\.\d+ \[[+-]\d\.\d+, [+-]\d\.\d+\]$", out, re.M)
     assert len(rows) == 15, rows
     router = rows[0]
-    assert router[0] == "router (trained)" and router[2] == "100" and router[3:6] == ("1.00",) * 3
+    assert router[0] == "router (trained)" and router[4:7] == ("100",) * 3 and router[7:10] == ("1.00",) * 3
+    for row in rows:                                          # every bootstrap interval holds its estimate
+        loss, lo, hi = map(float, row[1:4])
+        gap, glo, ghi = map(int, row[4:7])
+        assert lo <= loss <= hi and glo <= gap <= ghi, row
+    # the controls: each norm rule's experts under three weightings, and the router's under equal gates
+    weighted = re.findall(r"^(L\S+ norm of .+?)(\s+-?\d+% \[\s*-?\d+%,\s*-?\d+%\]){3}\s+"
+                          r"[+-]\d\.\d+ \[[+-]\d\.\d+, [+-]\d\.\d+\]$", out, re.M)
+    assert len(weighted) == 13, weighted
+    equal = re.search(r"^router, equal gates\s+" + ci + r"\s+(\d+)%", out, re.M)
+    assert equal and int(equal.group(4)) < 100                # any other weighting costs the router something
+    # x and -x: linear nodes pick the same pair by construction, the router never does
+    sym = dict(re.findall(r"^  (router \(trained\)|L2 norm of .+?)\s+(\d\.\d\d)$", out, re.M))
+    assert sym["router (trained)"] == "0.00" and sym["L2 norm of x W_g"] == sym["L2 norm of x W_p"] == "1.00"
+    assert sym["L2 norm of SiLU(x W_g)"] != "1.00"
+    assert len(re.findall(r"^L2 norm of x W_[gp], (positive|negative) part\s", out, re.M)) == 4
     assert (workdir / "figures" / "02_norm_ranking.png").is_file()
 
 
