@@ -14,7 +14,10 @@ default_cache_dir() -> Path                   $MINIMOE_CACHE, else ~/.cache/mini
 load_corpus(spec="stdlib", cache_dir=None, val_fraction=0.1, max_files=None) -> Corpus
     "stdlib"       the .py sources of this Python's standard library (no download), cached
     "shakespeare"  Tiny Shakespeare, downloaded once into the cache
-    PATH           a UTF-8 text file, a folder of text files, or a folder of shards from prepare.py
+    PATH           a UTF-8 text file, a folder of text files, or a folder of shards from prepare.py.
+                   Only regular files are read (a FIFO, device or socket is refused, never opened),
+                   each exactly to its size. Text means UTF-8: tokens are its bytes, and a file with
+                   NUL bytes or more than 1% invalid UTF-8 is refused as binary.
   Train/val split: a folder (and stdlib) is split BY FILE: in sorted path order, file i is val iff
   i % k == k-1 with k = round(1/val_fraction) (every 10th file for 0.1; the last file if that picks
   none). A single file: the last val_fraction of its bytes. Shard folders keep prepare's split.
@@ -46,6 +49,7 @@ import hashlib
 import json
 import operator
 import os
+import stat
 import sys
 import sysconfig
 import time
@@ -68,10 +72,53 @@ HEADER_BYTES = HEADER_WORDS * 4
 DTYPE_CODES = {1: np.dtype("<u1"), 2: np.dtype("<u2")}
 
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+ACCEPTED = ("'stdlib', 'shakespeare', a UTF-8 text file, a folder of text files, or a folder of shards "
+            "written by minimoe.prepare")
 
 
 class DataError(ValueError):
     """Bad data input: the message says what was found, what is allowed and what to do."""
+
+
+# -----------------------------------------------------------------------------
+# reading files safely: regular files only, never more than their size
+
+SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe): reading it would wait for a writer forever"),
+                 (stat.S_ISCHR, "a character device (like /dev/zero): it has no end to read to"),
+                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def path_kind(path):
+    """None for a regular file or a folder (symlinks followed); otherwise what `path` is, in words."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link" if os.path.islink(path) else "missing"
+    except OSError as e:
+        return f"not accessible ({e.strerror})"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return next((what for test, what in SPECIAL_KINDS if test(mode)), "not a regular file")
+
+
+def read_regular_file(path, what="data file"):
+    """The bytes of a regular file, read up to its size. A FIFO/device/socket raises DataError
+    without blocking (O_NONBLOCK, and fstat on the open descriptor closes the check-then-open race)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        kind = path_kind(path)
+        raise DataError(f"cannot read {what} {path}: {kind if kind and kind != 'missing' else e.strerror}; "
+                        f"check it exists and is readable") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{what} {path} is {path_kind(path) or 'not a regular file'}; only regular "
+                            f"files are read")
+        try:
+            return f.read(st.st_size)       # never past the size it had when opened
+        except OSError as e:
+            raise DataError(f"cannot read {what} {path} ({e.strerror})") from None
 
 
 # -----------------------------------------------------------------------------
@@ -124,8 +171,11 @@ def write_shard(path, tokens):
 
 def read_shard(path):
     path = Path(path)
-    if not path.is_file():
+    kind = "a folder" if path.is_dir() else path_kind(path)
+    if kind == "missing":
         raise DataError(f"shard {path} does not exist; run `python -m minimoe.prepare` to create it")
+    if kind:
+        raise DataError(f"shard {path} is {kind}; a shard is a regular file written by minimoe.prepare")
     size = path.stat().st_size
     if size < HEADER_BYTES:
         raise DataError(f"shard {path} is {size} bytes, smaller than the {HEADER_BYTES}-byte header; "
@@ -237,23 +287,41 @@ def load_corpus(spec="stdlib", cache_dir=None, val_fraction=0.1, max_files=None)
         raise DataError(f"val_fraction must be a number strictly between 0 and 1, got {val_fraction!r}")
     if max_files is not None and (not isinstance(max_files, int) or max_files < 1):
         raise DataError(f"max_files must be a positive int or None, got {max_files!r}")
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
+        raise DataError(f"data {spec!r} is invalid: give {ACCEPTED}")
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if spec == "stdlib":
         return _stdlib_corpus(cache_dir, val_fraction, max_files)
     if spec == "shakespeare":
         return _text_corpus("shakespeare", [_download_shakespeare(cache_dir)], val_fraction)
     path = Path(str(spec)).expanduser()
-    if not path.exists():
-        raise DataError(f"data path {str(spec)!r} does not exist; pass 'stdlib', 'shakespeare', "
-                        f"a text file, a folder of text files, or a folder written by minimoe.prepare")
+    kind = path_kind(path)
+    if kind == "missing":
+        raise DataError(f"data path {str(spec)!r} does not exist; pass {ACCEPTED}")
+    if kind:
+        raise DataError(f"data path {str(spec)!r} is {kind}; pass {ACCEPTED}")
     if path.is_dir() and (any(path.glob("train_*.bin")) or any(path.glob("val_*.bin"))):
         return _shard_corpus(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+        files = _folder_files(path)
         if not files:
             raise DataError(f"folder {path} contains no (non-hidden) files; point --data at text files")
         return _text_corpus(path.resolve().name, files[:max_files], val_fraction, source=str(path))
     return _text_corpus(path.stem, [path], val_fraction)
+
+
+def _folder_files(folder):
+    """The non-hidden regular files under `folder`, sorted; anything else there is an error."""
+    files = []
+    for p in sorted(folder.rglob("*")):              # (rglob does not follow symlinked folders)
+        if _hidden(p.relative_to(folder)) or p.is_dir():
+            continue
+        kind = path_kind(p)
+        if kind:
+            raise DataError(f"{p} in data folder {folder} is {kind}; a text folder may hold only regular "
+                            f"UTF-8 text files (hidden files are skipped): remove it or point --data elsewhere")
+        files.append(p)
+    return files
 
 
 def _hidden(rel):  # hidden files/folders and Python bytecode caches are never text data
@@ -314,7 +382,7 @@ def _build_stdlib(root, files, val_fraction, out):
     sha = hashlib.sha256()
     for i, rel in enumerate(files):
         # a short header line tells the model (and you, when reading samples) where a file starts
-        chunk = f"# file: {rel}\n".encode() + (root / rel).read_bytes()
+        chunk = f"# file: {rel}\n".encode() + read_regular_file(root / rel, "standard library file")
         sha.update(chunk)
         chunks["val" if _is_val_file(i, val_fraction) else "train"].append(chunk)
     train, val = (np.frombuffer(b"".join(chunks[s]), dtype=np.uint8) for s in ("train", "val"))
@@ -348,12 +416,13 @@ def _download_shakespeare(cache_dir):
 
 
 def _read_text_file(path):
-    data = Path(path).read_bytes()
+    data = read_regular_file(path, "text file")
     # byte tokens can encode anything, but NULs or lots of invalid UTF-8 mean a non-text file
     bad = data.decode("utf-8", errors="replace").count("\ufffd")
     if b"\x00" in data or bad > 0.01 * len(data):
-        raise DataError(f"{path} looks binary (NUL bytes or {bad} invalid UTF-8 sequences in "
-                        f"{len(data)} bytes); only UTF-8 text is allowed: remove it or point at text files")
+        raise DataError(f"{path} looks binary ({data.count(0)} NUL bytes, {bad} invalid UTF-8 sequences in "
+                        f"{len(data)} bytes); only UTF-8 text is allowed (at most 1% invalid sequences, "
+                        f"no NUL bytes): remove it or point at text files")
     return data
 
 

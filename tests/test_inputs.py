@@ -9,8 +9,12 @@ refused up front with one line that names it and says what is allowed. CPU only,
 """
 
 from dataclasses import fields
+import json
 import math
+import os
 from pathlib import Path
+import re
+import socket
 import subprocess
 import sys
 import typing
@@ -19,6 +23,8 @@ import pytest
 
 import train_gpt
 import train_small
+from minimoe import data
+from minimoe.data import DataError, load_corpus
 from minimoe.model import GPTConfig
 from minimoe.sample import SampleConfig
 from minimoe.train import TrainConfig, help_text, parse_overrides
@@ -177,3 +183,127 @@ def test_scripts_print_one_line_and_exit_2(command, arg, tmp_path):
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and arg.split("=")[0].lstrip("-") in lines[0], p.stderr
+
+
+# --------------------------------------------------------------------------- 2. data paths
+
+TEXT = "The quick brown fox jumps over the lazy dog.\n" * 20
+
+
+CHILD = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))   # reading /dev/zero fails, not the machine
+from minimoe.data import DataError, load_corpus
+out = {}
+for spec in json.loads(sys.argv[1]):
+    try:
+        load_corpus(spec)
+        out[spec] = "loaded"
+    except DataError as e:
+        out[spec] = "DataError: " + str(e)
+    print(json.dumps(out), flush=True)
+"""
+
+
+def load_in_child(specs, cwd):
+    """{spec: 'DataError: ...'} from load_corpus(spec) in a child process: a regression that blocks
+    (open() of a FIFO) or reads without bound (/dev/zero) fails the test after 60 s / 4 GiB instead
+    of hanging the suite or filling the machine's memory."""
+    try:
+        p = subprocess.run([sys.executable, "-c", CHILD, json.dumps([str(s) for s in specs])], cwd=cwd,
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"load_corpus blocked for 60 s; finished: {e.stdout}")
+    lines = p.stdout.strip().splitlines()
+    assert p.returncode == 0 and lines, p.stderr[-2000:]
+    return json.loads(lines[-1])
+
+
+def special_files(tmp_path):
+    """{kind: path} of a FIFO, a socket (and its open socket), symlinks to a character device and to nothing."""
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    sock = socket.socket(socket.AF_UNIX)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)                                   # AF_UNIX paths are limited to ~100 bytes
+    try:
+        sock.bind("sock.txt")
+    finally:
+        os.chdir(cwd)
+    dev = tmp_path / "zero.txt"
+    dev.symlink_to("/dev/zero")
+    broken = tmp_path / "broken.txt"
+    broken.symlink_to(tmp_path / "nowhere")
+    return {"FIFO": fifo, "socket": tmp_path / "sock.txt", "character device": dev,
+            "broken symbolic link": broken}, sock
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("", "data '' is invalid: give 'stdlib', 'shakespeare', a UTF-8 text file"),
+    ("   ", "data '   ' is invalid"),
+    (None, "data None is invalid"),
+])
+def test_empty_data_spec(spec, match):
+    with pytest.raises(DataError, match=match):
+        load_corpus(spec)
+
+
+def test_special_files_as_data_inside_a_data_folder_and_named_like_shards(tmp_path):
+    paths, sock = special_files(tmp_path)
+    folders = {}
+    for kind, path in paths.items():                     # the same kinds of file inside a text folder
+        folder = tmp_path / f"folder-{path.stem}"
+        folder.mkdir()
+        (folder / "good.txt").write_text(TEXT)
+        os.link(path, folder / path.name, follow_symlinks=False)
+        folders[kind] = folder
+    shards = tmp_path / "shards"                         # ... and named like a prepare.py shard
+    shards.mkdir()
+    (shards / "meta.json").write_text('{"vocab_size": 256}')
+    os.mkfifo(shards / "train_000000.bin")
+    try:
+        got = load_in_child(["/dev/zero", "/dev/null", *paths.values(), *folders.values(), shards], tmp_path)
+    finally:
+        sock.close()
+    assert re.fullmatch(r"DataError: data path '/dev/zero' is a character device \(like /dev/zero\): it has no "
+                        r"end to read to; pass 'stdlib', 'shakespeare', a UTF-8 text file.*prepare", got["/dev/zero"])
+    assert "'/dev/null' is a character device" in got["/dev/null"]
+    for kind, path in paths.items():
+        assert re.match(rf"DataError: data path '{path}' is an? {kind}", got[str(path)]), got[str(path)]
+        assert re.match(rf"DataError: {folders[kind]}/{path.name} in data folder {folders[kind]} is an? {kind}.*"
+                        r"may hold only regular UTF-8 text files", got[str(folders[kind])]), got[str(folders[kind])]
+    assert re.match(r"DataError: shard .*train_000000.bin is a FIFO", got[str(shards)]), got[str(shards)]
+
+
+def test_unreadable_file_is_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "secret.txt"
+    path.write_text(TEXT)
+    real_open = os.open
+
+    def refuse(p, *args, **kw):                           # as a non-root user after chmod 000
+        if str(p) == str(path):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, *args, **kw)
+    monkeypatch.setattr(data.os, "open", refuse)
+    with pytest.raises(DataError, match=r"cannot read text file .*secret.txt: Permission denied"):
+        load_corpus(path)
+
+
+def test_binary_junk_says_what_is_accepted(tmp_path):
+    junk = tmp_path / "junk.dat"
+    junk.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(DataError, match=r"junk.dat looks binary \(8 NUL bytes, .* only UTF-8 text is allowed "
+                                        r"\(at most 1% invalid"):
+        load_corpus(junk)
+    mostly_text = tmp_path / "mostly.txt"             # one stray Latin-1 byte in 900: accepted as bytes
+    mostly_text.write_bytes(TEXT.encode() + b"caf\xe9\n")
+    c = load_corpus(mostly_text)
+    assert bytes(c.train) + bytes(c.val) == mostly_text.read_bytes()
+
+
+def test_read_regular_file_reads_exactly_the_size(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"abc")
+    assert data.read_regular_file(path) == b"abc"
+    with pytest.raises(DataError, match="is a character device"):
+        data.read_regular_file("/dev/zero")
