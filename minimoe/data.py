@@ -10,7 +10,12 @@ DataError(ValueError)                         every bad input raises this, with 
 Corpus(name, train, val, vocab_size, meta)    train/val are 1-D token arrays (ndarray, np.memmap or
     .decode(tokens) -> str                    ShardedArray); uint8 for bytes, uint16 for GPT-2 BPE
     .encode(text) -> np.ndarray
-default_cache_dir() -> Path                   $MINIMOE_CACHE, else ~/.cache/minimoe
+    .check_decoder()                          raise DataError now if decode/encode would fail later
+                                              (GPT-2 BPE without tiktoken): call it before step 0
+default_cache_dir() -> Path                   $MINIMOE_CACHE, else ~/.cache/minimoe; a failed write
+                                              there is a DataError naming the folder and MINIMOE_CACHE=
+remove_stale_tmp(folder) -> [Path]            delete `.NAME.tmpPID` files whose process is gone (an
+                                              interrupted write); each cache build and prepare calls it
 load_corpus(spec="stdlib", cache_dir=None, val_fraction=0.1, max_files=None) -> Corpus
     "stdlib"       the .py sources of this Python's standard library (no download), cached
     "shakespeare"  Tiny Shakespeare, downloaded once into the cache
@@ -22,6 +27,9 @@ load_corpus(spec="stdlib", cache_dir=None, val_fraction=0.1, max_files=None) -> 
   i % k == k-1 with k = round(1/val_fraction) (every 10th file for 0.1; the last file if that picks
   none). A single file: the last val_fraction of its bytes. Shard folders keep prepare's split.
   stdlib is cached in cache_dir/stdlib-<pyver>-<hash8>/{train.bin,val.bin,meta.json} and memmapped.
+  A shard folder is checked when loaded: every shard's header dtype against meta.json (dtype,
+  tokenizer, vocab_size) and its largest token id against vocab_size (one pass over the memmap,
+  ~1 s per GB), so a shard from another tokenizer fails here, not mid-training.
 
 write_shard(path, tokens) / read_shard(path) -> np.memmap    token file: a header of 256 int32
                                               (magic 20251074, version 1, token count, dtype code
@@ -45,10 +53,12 @@ processes with A=1: optimizer step s consumes global batches s*W ... s*W + W-1 i
 Batches are CPU tensors; move them with x.to(device, non_blocking=True).
 """
 
+from contextlib import contextmanager
 import hashlib
 import json
 import operator
 import os
+import re
 import stat
 import sys
 import sysconfig
@@ -61,6 +71,8 @@ import numpy as np
 import torch
 
 BYTE_VOCAB_SIZE = 256
+GPT2_VOCAB_SIZE = 50257
+TOKENIZER_VOCAB = {"byte": BYTE_VOCAB_SIZE, "gpt2": GPT2_VOCAB_SIZE}   # what meta.json's tokenizer implies
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 MIN_CORPUS_TOKENS = 100  # anything smaller is almost certainly the wrong file
 
@@ -143,16 +155,67 @@ def decode_bytes(tokens):
 # -----------------------------------------------------------------------------
 # shard files (shared with prepare.py)
 
+TMP_NAME = re.compile(r"\..+\.tmp(\d+)")    # .NAME.tmpPID: _atomic_write's (and train's ckpt) temp files
+
+
 def _atomic_write(path, chunks):
     # write to a temp file and rename: a crash never leaves a half-written file under `path`
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:              # disk full, Ctrl-C: leave nothing behind (a kill -9 still can)
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)                # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError) as e:
+        return isinstance(e, PermissionError)      # another user's process is alive; a bad pid is not
+    return True
+
+
+def remove_stale_tmp(folder):
+    """Delete the temp files (`.NAME.tmpPID`, regular files only) that an interrupted write left in
+    `folder`: those whose process no longer runs on this machine. Returns the removed paths.
+    (A folder shared by several machines could hold another host's live temp file: don't share one
+    cache or prepare folder between machines that write it at the same time.)"""
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = TMP_NAME.fullmatch(p.name)
+        if m and stat.S_ISREG(p.lstat().st_mode) and int(m[1]) != os.getpid() and not _pid_alive(int(m[1])):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) left in {folder} by an interrupted run: "
+              f"{', '.join(p.name for p in sorted(removed)[:3])}{' ...' if len(removed) > 3 else ''}",
+              file=sys.stderr)
+    return removed
+
+
+@contextmanager
+def writing(folder, fix=None):
+    """Turn an OSError (read-only, full disk, a file where a folder should be) raised while writing
+    under `folder` into one DataError naming the folder and how to choose another one."""
+    try:
+        yield
+    except OSError as e:
+        env = os.environ.get("MINIMOE_CACHE")
+        fix = fix or (f"choose another folder with MINIMOE_CACHE=/path/with/space (now "
+                      f"{'MINIMOE_CACHE=' + env if env else 'unset: ~/.cache/minimoe'})")
+        raise DataError(f"cannot write to {folder} ({e.strerror or e}{': ' + e.filename if e.filename else ''}); "
+                        f"{fix}") from None
 
 
 def write_shard(path, tokens):
@@ -261,6 +324,19 @@ class Corpus:
             raise DataError(f"corpus {self.name!r} uses GPT-2 BPE tokens, which need tiktoken: "
                             f"pip install tiktoken") from None
         return tiktoken.get_encoding("gpt2")
+
+    def check_decoder(self):
+        """Raise DataError now if decode()/encode() would fail later: GPT-2 BPE tokens need tiktoken,
+        and only the byte and GPT-2 tokenizers are known. Cheap; train() calls it before step 0, so
+        a missing package is not found only when sample.txt is written after the whole run."""
+        if self.vocab_size == BYTE_VOCAB_SIZE:
+            return
+        tokenizer = self.meta.get("tokenizer", "gpt2")
+        if tokenizer != "gpt2" or self.vocab_size > GPT2_VOCAB_SIZE:
+            raise DataError(f"corpus {self.name!r} has tokenizer {tokenizer!r} with vocab_size {self.vocab_size}; "
+                            f"minimoe decodes only 'byte' (256) and 'gpt2' ({GPT2_VOCAB_SIZE}) tokens: "
+                            f"re-prepare the data with --tokenizer=byte or --tokenizer=gpt2")
+        self._tiktoken()
 
     def decode(self, tokens):
         if self.vocab_size == BYTE_VOCAB_SIZE:
@@ -372,7 +448,8 @@ def _stdlib_corpus(cache_dir, val_fraction, max_files):
                           BYTE_VOCAB_SIZE, json.loads(meta_path.read_text()))
         except (DataError, json.JSONDecodeError) as e:
             print(f"stdlib cache at {out} is broken ({e}); rebuilding", file=sys.stderr)
-    meta = _build_stdlib(root, files, val_fraction, out)
+    with writing(out):
+        meta = _build_stdlib(root, files, val_fraction, out)
     return Corpus("stdlib", read_shard(out / "train.bin"), read_shard(out / "val.bin"), BYTE_VOCAB_SIZE, meta)
 
 
@@ -388,6 +465,7 @@ def _build_stdlib(root, files, val_fraction, out):
     train, val = (np.frombuffer(b"".join(chunks[s]), dtype=np.uint8) for s in ("train", "val"))
     _check_split("stdlib", train, val, "use a smaller val_fraction or more files")
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out)                      # an earlier build that was killed mid-write
     write_shard(out / "train.bin", train)
     write_shard(out / "val.bin", val)
     meta = {"name": "stdlib", "tokenizer": "byte", "vocab_size": BYTE_VOCAB_SIZE,
@@ -404,14 +482,17 @@ def _build_stdlib(root, files, val_fraction, out):
 def _download_shakespeare(cache_dir):
     path = cache_dir / "shakespeare" / "input.txt"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with writing(path.parent):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp(path.parent)
         try:
             with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:
                 data = r.read()
         except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors
             raise DataError(f"downloading Tiny Shakespeare from {SHAKESPEARE_URL} failed ({e}); "
                             f"if you are offline pass --data=PATH to a local text file instead") from None
-        _atomic_write(path, [data])
+        with writing(path.parent):
+            _atomic_write(path, [data])
     return path
 
 
@@ -463,14 +544,50 @@ def _shard_corpus(path):
         vocab_size = int(meta["vocab_size"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise DataError(f"{meta_path} is not a valid prepare meta.json ({e!r}); re-run prepare") from None
+    tokenizer = meta.get("tokenizer")
+    if not 1 <= vocab_size <= 2**16 or (tokenizer in TOKENIZER_VOCAB and vocab_size != TOKENIZER_VOCAB[tokenizer]):
+        raise DataError(f"{meta_path} says tokenizer {tokenizer!r} with vocab_size {vocab_size}; expected "
+                        f"{TOKENIZER_VOCAB} and at most 65536 (uint16 shards): {_reprepare(path)}")
     splits = {}
     for split in ("train", "val"):
         shards = [read_shard(p) for p in sorted(path.glob(f"{split}_*.bin"))]
         if not shards or sum(len(s) for s in shards) < 2:
             raise DataError(f"{path} has no {split} tokens ({split}_*.bin shards); re-run prepare "
                             f"with a larger input or a different --val_fraction")
+        for p, shard in zip(sorted(path.glob(f"{split}_*.bin")), shards):
+            _check_shard_tokens(p, shard, meta, vocab_size, path)
         splits[split] = shards[0] if len(shards) == 1 else ShardedArray(shards)
     return Corpus(meta.get("name", path.name), splits["train"], splits["val"], vocab_size, meta)
+
+
+def _check_shard_tokens(p, shard, meta, vocab_size, folder):
+    # a uint8 shard cannot hold GPT-2 ids, a shard from another tokenizer has ids past the vocabulary:
+    # either would crash (or silently mislearn) mid-training, so look now: one pass over the memmap
+    dtype = np.dtype(shard.dtype)
+    if meta.get("dtype", dtype.name) != dtype.name or vocab_size > np.iinfo(dtype).max + 1:
+        raise DataError(f"shard {p} holds {dtype.name} tokens but meta.json says dtype "
+                        f"{meta.get('dtype', '(none)')!r}, vocab_size {vocab_size}: they do not belong "
+                        f"together; {_reprepare(folder)}")
+    top = int(shard.max()) if len(shard) else -1
+    if top >= vocab_size:
+        raise DataError(f"shard {p} holds token id {top}, but meta.json says vocab_size {vocab_size} "
+                        f"(ids 0..{vocab_size - 1}): the shard is corrupt or from another tokenizer; "
+                        f"{_reprepare(folder)}")
+
+
+def _reprepare(folder):
+    """How to re-create a prepared folder: the prepare command its progress.json remembers."""
+    try:
+        cfg = json.loads((Path(folder) / "progress.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        cfg = {}
+    if cfg.get("command") == "fineweb":
+        cmd = f"python -m minimoe.prepare fineweb --name={cfg.get('name')} --out_dir={folder}"
+    elif cfg.get("command") == "text":
+        cmd = f"python -m minimoe.prepare text {cfg.get('source')} --tokenizer={cfg.get('tokenizer')} --out_dir={folder}"
+    else:
+        cmd = f"python -m minimoe.prepare text|fineweb ... --out_dir={folder}"
+    return f"delete {folder} and prepare it again: {cmd}"
 
 
 # -----------------------------------------------------------------------------

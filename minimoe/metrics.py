@@ -373,7 +373,7 @@ def train_or_load(model_config, train_config, name: str, cache_dir=None) -> dict
     else in that folder is an interrupted attempt and is trained again from scratch.
     Returns {"model" (eval mode), "log" (log.jsonl rows), "result" (train()'s final metrics),
     "out_dir", "cached" (True if loaded)}."""
-    from .data import default_cache_dir        # lazy: the analysis helpers above need no I/O
+    from .data import default_cache_dir, writing   # lazy: the analysis helpers above need no I/O
     from .plots import read_log
     from .train import load_model, train
 
@@ -385,15 +385,18 @@ def train_or_load(model_config, train_config, name: str, cache_dir=None) -> dict
     done = out / "result.json"
     cached = done.is_file()
     if not cached:
-        if out.exists():
-            shutil.rmtree(out)                 # a previous attempt that did not finish
+        with writing(out.parent):              # an unwritable cache: one line naming it, before training
+            if out.exists():
+                shutil.rmtree(out)             # a previous attempt that did not finish
+            out.mkdir(parents=True)
         res = train(model_config, replace(train_config, out_dir=str(out), init_from="scratch"))
         if res.get("interrupted"):
             raise RuntimeError(f"training of {name!r} was interrupted ({res['interrupted']}); run again")
         res.pop("model")
         tmp = out / f".result.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps({k: v for k, v in res.items() if k != "sample"}, default=str))
-        os.replace(tmp, done)                  # atomic: marks the run complete
+        with writing(out):
+            tmp.write_text(json.dumps({k: v for k, v in res.items() if k != "sample"}, default=str))
+            os.replace(tmp, done)              # atomic: marks the run complete
     model, _ = load_model(out)                 # the checkpoint of the last evaluation = the final model
     return {"model": model, "log": read_log(out), "result": json.loads(done.read_text()),
             "out_dir": out, "cached": cached}

@@ -9,6 +9,7 @@ refused up front with one line that names it and says what is allowed. CPU only,
 """
 
 from dataclasses import fields
+import errno
 import json
 import math
 import os
@@ -19,12 +20,13 @@ import subprocess
 import sys
 import typing
 
+import numpy as np
 import pytest
 
 import train_gpt
 import train_small
-from minimoe import data
-from minimoe.data import DataError, load_corpus
+from minimoe import data, prepare
+from minimoe.data import Corpus, DataError, load_corpus, remove_stale_tmp, write_shard
 from minimoe.model import GPTConfig
 from minimoe.sample import SampleConfig
 from minimoe.train import TrainConfig, help_text, parse_overrides
@@ -307,3 +309,125 @@ def test_read_regular_file_reads_exactly_the_size(tmp_path):
     assert data.read_regular_file(path) == b"abc"
     with pytest.raises(DataError, match="is a character device"):
         data.read_regular_file("/dev/zero")
+
+
+# --------------------------------------------------------------------------- 3. environment problems
+
+def shard_folder(folder, tokens, meta, dtype=np.uint16, progress=None):
+    """A prepared folder by hand: one train and one val shard of `tokens`, meta.json, progress.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_shard(folder / "train_000000.bin", np.asarray(tokens, dtype=dtype))
+    write_shard(folder / "val_000000.bin", np.asarray(tokens, dtype=dtype))
+    (folder / "meta.json").write_text(json.dumps(meta))
+    if progress:
+        (folder / "progress.json").write_text(json.dumps({"config": progress, "streams": {}}))
+    return folder
+
+
+def test_check_decoder_finds_a_missing_tiktoken_before_training(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tiktoken", None)             # `import tiktoken` fails
+    bpe = load_corpus(shard_folder(tmp_path / "bpe", [1, 50000, 7] * 10, {"vocab_size": 50257, "tokenizer": "gpt2"}))
+    with pytest.raises(DataError, match="corpus 'bpe' uses GPT-2 BPE tokens, which need tiktoken: pip install tiktoken"):
+        bpe.check_decoder()
+    Corpus("bytes", np.zeros(4, np.uint8), np.zeros(4, np.uint8), 256, {}).check_decoder()   # nothing needed
+    odd = Corpus("odd", np.zeros(4, np.uint16), np.zeros(4, np.uint16), 32000, {"tokenizer": "sentencepiece"})
+    with pytest.raises(DataError, match="tokenizer 'sentencepiece' with vocab_size 32000; minimoe decodes only"):
+        odd.check_decoder()
+
+
+@pytest.mark.parametrize("tokens, meta, dtype, match", [
+    ([1, 2, 60000] * 10, {"vocab_size": 50257, "tokenizer": "gpt2"}, np.uint16,
+     r"train_000000.bin holds token id 60000, but meta.json says vocab_size 50257 \(ids 0..50256\).*delete .* and "
+     r"prepare it again: python -m minimoe.prepare text corpus.txt --tokenizer=gpt2 --out_dir="),
+    ([1, 2, 3] * 10, {"vocab_size": 50257, "tokenizer": "gpt2"}, np.uint8,
+     r"holds uint8 tokens but meta.json says dtype '\(none\)', vocab_size 50257: they do not belong together"),
+    ([1, 2, 3] * 10, {"vocab_size": 256, "tokenizer": "byte", "dtype": "uint16"}, np.uint8,
+     r"holds uint8 tokens but meta.json says dtype 'uint16'"),
+    ([1, 2, 3] * 10, {"vocab_size": 256, "tokenizer": "gpt2"}, np.uint16,
+     r"says tokenizer 'gpt2' with vocab_size 256; expected"),
+    ([1, 2, 300] * 10, {"vocab_size": 100}, np.uint16, r"holds token id 300, but meta.json says vocab_size 100"),
+    ([1, 2, 3] * 10, {"vocab_size": 100000}, np.uint16, r"vocab_size 100000; expected .* at most 65536"),
+])
+def test_shards_that_disagree_with_their_vocabulary_fail_at_load_time(tmp_path, tokens, meta, dtype, match):
+    folder = shard_folder(tmp_path / "shards", tokens, meta, dtype,
+                          progress={"command": "text", "source": "corpus.txt", "tokenizer": "gpt2"})
+    with pytest.raises(DataError, match=match):
+        load_corpus(folder)
+
+
+def test_fineweb_folder_names_its_own_prepare_command(tmp_path):
+    folder = shard_folder(tmp_path / "fw", [5, 70000 - 65536, 9] * 10, {"vocab_size": 3},
+                          progress={"command": "fineweb", "name": "sample-10BT"})
+    with pytest.raises(DataError, match=r"python -m minimoe.prepare fineweb --name=sample-10BT --out_dir=.*fw"):
+        load_corpus(folder)
+
+
+def test_unwritable_cache_is_one_line_naming_it(tmp_path, monkeypatch):
+    not_a_folder = tmp_path / "cache-file"
+    not_a_folder.write_text("x")
+    monkeypatch.setenv("MINIMOE_CACHE", str(not_a_folder))
+    with pytest.raises(DataError, match=rf"cannot write to {not_a_folder}/stdlib-\S+ \(Not a directory.*\); "
+                                        rf"choose another folder with MINIMOE_CACHE=/path/with/space \(now "
+                                        rf"MINIMOE_CACHE={not_a_folder}\)"):
+        load_corpus("stdlib", max_files=20)
+    with pytest.raises(DataError, match=rf"cannot write to {not_a_folder}/shakespeare .*MINIMOE_CACHE="):
+        load_corpus("shakespeare")
+    from minimoe.metrics import train_or_load                     # notebooks' run cache: before training
+    with pytest.raises(DataError, match=rf"cannot write to {not_a_folder}/runs"):
+        train_or_load(GPTConfig(vocab_size=256, block_size=8, n_layer=1, n_head=2, n_embd=8, d_ffn=8),
+                      TrainConfig(max_iters=1), "demo")
+    src = tmp_path / "t.txt"
+    src.write_text(TEXT)
+    with pytest.raises(DataError, match=rf"cannot write to {not_a_folder}/x .*choose another --out_dir"):
+        prepare.prepare_text(src, out_dir=not_a_folder / "x")
+
+
+def test_full_disk_during_the_cache_build_leaves_no_temp_file(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(data.os, "fsync", full)
+    with pytest.raises(DataError, match=r"cannot write to \S+/stdlib-\S+ \(No space left on device.*MINIMOE_CACHE="):
+        load_corpus("stdlib", cache_dir=tmp_path, max_files=20)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]   # the half-written temp file is gone
+
+
+# --------------------------------------------------------------------------- 4. leftovers
+
+def dead_pid():
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def plant_leftovers(folder):
+    """Temp files of a killed writer (removed), and others that must stay: a live writer's, not ours."""
+    pid = dead_pid()
+    stale = [folder / f".train_000000.bin.tmp{pid}", folder / f".progress.json.tmp{pid}"]
+    keep = [folder / f".meta.json.tmp{os.getppid()}", folder / f"notes.tmp{pid}", folder / f".x.tmp{pid}.bak"]
+    for p in stale + keep:
+        p.write_bytes(b"\0" * 10)
+    (folder / f".dir.tmp{pid}").mkdir()
+    keep.append(folder / f".dir.tmp{pid}")
+    return stale, keep
+
+
+def test_prepare_removes_the_temp_files_of_an_interrupted_run(tmp_path, capsys):
+    src = tmp_path / "t.txt"
+    src.write_text(TEXT * 5)
+    out = tmp_path / "out"
+    out.mkdir()
+    stale, keep = plant_leftovers(out)
+    assert prepare.main(["text", str(src), f"--out_dir={out}"]) == 0
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
+    assert "removed 2 temporary file(s)" in capsys.readouterr().err
+    assert len(load_corpus(out).train) > 0
+
+
+def test_cache_build_removes_the_temp_files_of_an_interrupted_build(tmp_path):
+    load_corpus("stdlib", cache_dir=tmp_path, max_files=20)
+    (folder,) = tmp_path.glob("stdlib-*")
+    (folder / "meta.json").unlink()                              # as if killed before the end
+    stale, keep = plant_leftovers(folder)
+    load_corpus("stdlib", cache_dir=tmp_path, max_files=20)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
+    assert remove_stale_tmp(tmp_path / "missing") == []
