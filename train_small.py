@@ -92,7 +92,7 @@ def results_table(results: dict) -> str:
     """Markdown table, one row per model kind: results[kind] is a list of train() results (seeds)."""
     max_ent = next((r[0]["routing"][0]["max_ent"] for r in results.values() if r[0].get("routing")), None)
     head = ["model", "params total", "params active", "val loss (nats)", "val bpb", "tokens/s",
-            f"Ent_load (max {max_ent:.3f})" if max_ent else "Ent_load", "Ent_conf"]
+            f"Ent_load (nats, max {max_ent:.3f})" if max_ent else "Ent_load (nats)", "Ent_conf (nats)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for kind, runs in results.items():
         r0 = runs[0]

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dispatch import Routing, combine, grouped_mm, plan_dispatch, resolve_impl, route, swiglu_experts
+from .dispatch import Routing, combine, grouped_mm, load_entropy, plan_dispatch, resolve_impl, route, swiglu_experts
 from .lowrank import svd_factorize
 from .moe import MoE
 
@@ -228,12 +228,11 @@ class RuleFFN(nn.Module):
 
     def agreement(self) -> dict:
         """Token-averaged agreement with the router, plus the load (Eq. 7) of this rule's choice:
-        load = share of token-slots per expert, ent_load normalized by its maximum log E."""
+        load = share of token-slots per expert, ent_load its entropy in nats (at most max_ent = log E)."""
         n = max(self.agree["tokens"], 1)
         load = self.counts / self.counts.sum().clamp_min(1)
-        ent = -(load * load.clamp_min(1e-12).log()).sum().item() / math.log(self.moe.n_experts)
         return {**{k: v / n for k, v in self.agree.items() if k != "tokens"},
-                "load": load.tolist(), "ent_load": ent}
+                "load": load.tolist(), "ent_load": load_entropy(load), "max_ent": math.log(self.moe.n_experts)}
 
 
 @contextmanager
@@ -259,7 +258,7 @@ def use_rule(model, rule: Rule):
 def evaluate_rule(model, batches, rule: Rule = Rule("router")) -> dict:
     """Mean cross-entropy of `model` on `batches` [(x, y), ...] with every MoE layer using `rule`,
     its agreement with the router (averaged over tokens and layers; 1.0 for the router) and how
-    evenly it spreads tokens (ent_load: Eq. 7 over log E, 1.0 = perfectly balanced)."""
+    evenly it spreads tokens (ent_load: Eq. 7 in nats, max_ent = log E when perfectly balanced)."""
     was_training = model.training
     model.eval()
     try:
@@ -272,7 +271,7 @@ def evaluate_rule(model, batches, rule: Rule = Rule("router")) -> dict:
     finally:
         model.train(was_training)
     mean = {k: float(np.mean([a[k] for a in per_layer.values()]))
-            for k in ("same_set", "overlap", "top1", "ent_load")}
+            for k in ("same_set", "overlap", "top1", "ent_load", "max_ent")}
     return {"rule": rule.label, "val_loss": float(np.mean(losses)), **mean, "per_layer": per_layer}
 
 

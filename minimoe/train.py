@@ -50,6 +50,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .data import BatchSampler, Corpus, load_corpus
+from .dispatch import load_entropy
 from .hardware import mfu, peak_flops
 from .model import GPT, GPTConfig
 from .validate import MAY_BE_EMPTY, allowed, check_fields, ranges, show
@@ -368,7 +369,7 @@ def estimate_loss(model: GPT, sampler: BatchSampler, eval_iters: int, rt: Runtim
         base = 2 + j * (E + 1)
         load = acc[base:base + E] / n                                    # (E,) share of token-slots
         routing.append({"layer": layer, "load": load.tolist(),
-                        "ent_load": -(load * load.clamp_min(1e-12).log()).sum().item(),
+                        "ent_load": load_entropy(load),                  # nats, max log E
                         "ent_conf": (acc[base + E] / n).item(),
                         "load_cv": (load.std(unbiased=False) / load.mean()).item(), "max_ent": math.log(E)})
     mean = lambda key: sum(r[key] for r in routing) / len(routing) if routing else None   # noqa: E731

@@ -22,14 +22,17 @@ import typing
 
 import numpy as np
 import pytest
+import torch
 
 import train_gpt
 import train_small
-from minimoe import data, prepare
-from minimoe.data import Corpus, DataError, load_corpus, remove_stale_tmp, write_shard
-from minimoe.model import GPTConfig
+from minimoe import data, plots, prepare
+from minimoe.data import BatchSampler, Corpus, DataError, load_corpus, remove_stale_tmp, write_shard
+from minimoe.dispatch import load_entropy
+from minimoe.metrics import Rule, evaluate_rule
+from minimoe.model import GPT, GPTConfig
 from minimoe.sample import SampleConfig
-from minimoe.train import TrainConfig, help_text, parse_overrides
+from minimoe.train import TrainConfig, estimate_loss, help_text, parse_overrides
 from minimoe.validate import check_fields, interval, show, unranged_fields
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -431,3 +434,55 @@ def test_cache_build_removes_the_temp_files_of_an_interrupted_build(tmp_path):
     load_corpus("stdlib", cache_dir=tmp_path, max_files=20)
     assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
     assert remove_stale_tmp(tmp_path / "missing") == []
+
+
+# --------------------------------------------------------------------------- 5. one load entropy, in nats
+
+def test_load_entropy_by_hand():
+    assert load_entropy([1, 1, 1, 1]) == pytest.approx(math.log(4))          # counts or shares alike
+    assert load_entropy([0.25] * 4) == pytest.approx(math.log(4))
+    assert load_entropy([5, 0, 0]) == 0.0 and load_entropy([0, 0]) == 0.0   # one expert; nothing routed
+    assert load_entropy(torch.tensor([3.0, 1.0])) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    for bad in ([], [1, -1], [math.nan, 1]):
+        with pytest.raises(ValueError, match="load must be"):
+            load_entropy(bad)
+
+
+def test_every_ent_load_is_load_entropy_in_nats_with_its_max():
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32, ffn="moe", n_experts=6,
+                    top_k=2, d_ffn=48)
+    model = GPT(cfg).eval()
+    tokens = torch.randint(0, 64, (4000,))
+    sampler = BatchSampler(tokens, 4, 16, seed=0)
+    stats = estimate_loss(model, sampler, 3)                               # train.py
+    for layer in stats["routing"]:
+        assert layer["ent_load"] == pytest.approx(load_entropy(layer["load"]))
+        assert layer["max_ent"] == pytest.approx(math.log(6)) and 1.0 < layer["ent_load"] <= math.log(6)
+    for layer in model.routing_stats():                                     # dispatch.routing_stats
+        assert layer["ent_load"] == pytest.approx(load_entropy(layer["load"]), rel=1e-6)
+    x, y = sampler.batch(0)
+    res = evaluate_rule(model, [(x, y)], Rule("norm", "x_wg"))              # metrics.py
+    for layer in res["per_layer"].values():
+        assert layer["ent_load"] == pytest.approx(load_entropy(layer["load"]))
+        assert layer["max_ent"] == pytest.approx(math.log(6)) and layer["ent_load"] > 1.0   # nats, not a ratio
+    assert res["max_ent"] == pytest.approx(math.log(6))
+
+
+def test_plots_and_the_table_say_nats(tmp_path, monkeypatch):
+    E = 4
+    rows = [{"iter": i, "tokens": 1000 * i, "val_loss": 3.0 - 0.1 * i, "train_loss": 3.1 - 0.1 * i,
+             "val_bpb": None, "ent_load": 1.3, "ent_conf": 1.1,
+             "routing": [{"layer": 0, "load": [0.25] * E, "ent_load": 1.3, "ent_conf": 1.1,
+                          "load_cv": 0.0, "max_ent": math.log(E)}]} for i in range(3)]
+    figures = []
+    monkeypatch.setattr(plots.Figure, "savefig", lambda fig, *a, **kw: figures.append(fig))
+    assert plots.plot_expert_load({"moe": rows}, tmp_path / "e.png")
+    assert plots.plot_routing_entropy({"moe": rows}, tmp_path / "r.png")
+    texts = [t for fig in figures for ax in fig.axes for t in (ax.get_title(), ax.get_ylabel())]
+    shown = [t for t in texts if "Ent_" in t or "entropy" in t]
+    assert len(shown) >= 3 and all("nats" in t for t in shown), shown
+    result = {"params_total": 1e6, "params_active": 5e5, "val_loss": 2.0, "val_bpb": 2.9, "tokens_per_sec": 100,
+              "ent_load": 1.3, "ent_conf": 1.1, "routing": rows[-1]["routing"]}
+    header = train_small.results_table({"moe": [result]}).splitlines()[0]
+    assert "Ent_load (nats, max 1.386)" in header and "Ent_conf (nats)" in header
