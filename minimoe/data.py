@@ -446,7 +446,7 @@ def _stdlib_corpus(cache_dir, val_fraction, max_files):
         try:
             return Corpus("stdlib", read_shard(out / "train.bin"), read_shard(out / "val.bin"),
                           BYTE_VOCAB_SIZE, json.loads(meta_path.read_text()))
-        except (DataError, json.JSONDecodeError) as e:
+        except (DataError, OSError, ValueError) as e:          # (JSONDecodeError is a ValueError)
             print(f"stdlib cache at {out} is broken ({e}); rebuilding", file=sys.stderr)
     with writing(out):
         meta = _build_stdlib(root, files, val_fraction, out)

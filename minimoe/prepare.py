@@ -49,7 +49,22 @@ def _require(*modules):
 
 
 def _read_json(path, default):
-    return json.loads(path.read_text()) if path.is_file() else default
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} cannot be read ({e}); delete it (and the shards next to it) to start "
+                        f"this folder over") from None
+
+
+def _is_progress(p):
+    # the shape write_shards reads back: {"config", "streams": {name: {"shards": [entry], "done"}}}
+    try:
+        return "config" in p and all(isinstance(st["done"], bool) and all(
+            {"file", "tokens", "doc", "offset"} <= set(e) for e in st["shards"]) for st in p["streams"].values())
+    except (KeyError, TypeError, AttributeError):
+        return False
 
 
 def _write_json(path, obj):
@@ -77,6 +92,9 @@ def write_shards(docs_from, out_dir, shard_name, shard_tokens, dtype, stream="al
         remove_stale_tmp(out_dir)              # half-written shards of an interrupted run
     progress_path = out_dir / "progress.json"
     progress = _read_json(progress_path, {"config": config, "streams": {}})
+    if not _is_progress(progress):
+        raise DataError(f"{progress_path} is not a minimoe.prepare progress file; delete it (and the "
+                        f"shards next to it) to start this folder over")
     if progress["config"] != config:
         raise DataError(f"{out_dir} was prepared with different settings ({progress['config']}, now "
                         f"{config}); use a new --out_dir or delete {out_dir} to start over")
@@ -239,8 +257,8 @@ def main(argv=None):
     p.add_argument("--max_tokens", type=int, default=None, help="stop after this many tokens")
     args = parser.parse_args(argv)
     try:
-        if args.shard_tokens < 1:
-            raise DataError(f"--shard_tokens must be >= 1, got {args.shard_tokens}")
+        if not 1 <= args.shard_tokens < 2**31:         # the shard header counts tokens in an int32
+            raise DataError(f"--shard_tokens must be in [1, 2**31 - 1], got {args.shard_tokens}")
         if args.command == "text":
             out_dir, meta = prepare_text(args.path, args.tokenizer, args.out_dir, args.val_fraction,
                                          args.shard_tokens)

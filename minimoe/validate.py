@@ -28,6 +28,7 @@ and tests/test_inputs.py names it, so a new field cannot ship without a declared
 from dataclasses import dataclass, fields
 from functools import lru_cache
 import math
+import os
 import re
 import typing
 
@@ -136,8 +137,8 @@ def check_fields(cfg) -> None:
             ok = (isinstance(v, (int, float)) and not isinstance(v, bool)
                   and (isinstance(v, int) or math.isfinite(v))       # (math.isfinite(10**400) overflows)
                   and v in interval(table.get(name, FLOAT_ANY)))
-        elif base is str:
-            ok = isinstance(v, str) and (v != "" or table.get(name) == MAY_BE_EMPTY)
+        elif base is str:              # (a pathlib.Path is fine where a path is meant)
+            ok = isinstance(v, (str, os.PathLike)) and (str(v) != "" or table.get(name) == MAY_BE_EMPTY)
         else:
             ok = isinstance(v, base)
         if not ok:

@@ -146,6 +146,7 @@ def test_relations_from_python_and_what_stays_allowed():
     SampleConfig(temperature=0.0, top_k=None)
     GPTConfig(d_ffn=None, d_low=None, d_wide=None, w_up_init_std=None, dropout=0.0)
     TrainConfig(learning_rate=1, min_lr=0)                   # ints where floats belong are fine
+    TrainConfig(out_dir=Path("runs") / "a", data=Path("corpus.txt"))   # and paths where paths are meant
 
 
 def test_help_shows_each_range():
@@ -486,3 +487,20 @@ def test_plots_and_the_table_say_nats(tmp_path, monkeypatch):
               "ent_load": 1.3, "ent_conf": 1.1, "routing": rows[-1]["routing"]}
     header = train_small.results_table({"moe": [result]}).splitlines()[0]
     assert "Ent_load (nats, max 1.386)" in header and "Ent_conf (nats)" in header
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"config": null, "streams": {"train": {"shards": [1]}}}'])
+def test_a_corrupt_progress_file_is_one_line(tmp_path, content, capsys):
+    src = tmp_path / "t.txt"
+    src.write_text(TEXT * 5)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "progress.json").write_text(content)
+    assert prepare.main(["text", str(src), f"--out_dir={out}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "progress.json" in err and "delete it" in err and "\n" not in err
+    with pytest.raises(SystemExit, match="2"):                   # argparse's own usage error for a non-int
+        prepare.main(["text", str(src), f"--out_dir={out}", "--shard_tokens=1e20"])
+    capsys.readouterr()
+    assert prepare.main(["text", str(src), f"--out_dir={out}", f"--shard_tokens={2**40}"]) == 1
+    assert "--shard_tokens must be in [1, 2**31 - 1], got 1099511627776" in capsys.readouterr().err
