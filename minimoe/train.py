@@ -148,8 +148,8 @@ def help_text(*configs) -> str:
         lines.append(f"\n  {type(c).__name__}:")
         for f in fields(c):
             option = f"--{f.name}={getattr(c, f.name)!r}"
-            span = f" (range {table[f.name]})" if table.get(f.name, MAY_BE_EMPTY) != MAY_BE_EMPTY else ""
-            lines.append(f"    {option:<34} {comments.get(f.name, '')}{span}".rstrip())
+            span = f"(range {table[f.name]})" if table.get(f.name, MAY_BE_EMPTY) != MAY_BE_EMPTY else ""
+            lines.append(f"    {option:<34} {' '.join(filter(None, (comments.get(f.name), span)))}".rstrip())
     return "\n".join(lines)
 
 
