@@ -26,6 +26,7 @@ import torch
 
 from minimoe.presets import PRESETS, get_preset, size_line
 from minimoe.train import TrainConfig, TrainingDiverged, parse_overrides, resolve_device, train
+from minimoe.validate import check_fields
 
 DEFAULT_PRESET = "gpt2-aoe"
 BUILTIN_CORPORA = ("stdlib", "shakespeare")
@@ -35,6 +36,10 @@ BUILTIN_CORPORA = ("stdlib", "shakespeare")
 class ScriptConfig:
     preset: str = DEFAULT_PRESET   # named model + training defaults (python -m minimoe.presets)
     plots: bool = True             # write loss.png, experts.png, routing.png into out_dir at the end
+
+    def __post_init__(self):
+        check_fields(self)             # minimoe/validate.py: a str and a bool
+        get_preset(self.preset)        # an unknown name lists the presets
 
 
 def split_preset(argv):

@@ -37,21 +37,23 @@ from minimoe.study import laptop_model, laptop_train
 from minimoe.plots import plot_expert_load, plot_losses, plot_routing_entropy, read_log
 from minimoe.train import (TrainConfig, TrainingDiverged, parse_overrides, refuse_overwrite, resolve_device,
                            train)
+from minimoe.validate import check_fields, ranges
 from minimoe.variants import variant_config
 
 KINDS = ("dense", "moe", "aoe")
 
 
+@ranges(prefix="--", seeds="[1, 100]")          # minimoe/validate.py; errors say --seeds=0, as typed
 @dataclass
 class SmallConfig:
     model: str = "all"       # "dense" | "moe" | "aoe" | "all" (the three, one after another)
     seeds: int = 1           # repeat over seeds seed, seed+1, ...; the table then shows mean +- std
 
     def __post_init__(self):
+        check_fields(self)
         if self.model not in (*KINDS, "all"):
-            raise ValueError(f"--model={self.model!r} is invalid: allowed values are {', '.join(KINDS)}, all")
-        if not isinstance(self.seeds, int) or self.seeds < 1:
-            raise ValueError(f"--seeds={self.seeds!r} is invalid: must be an integer >= 1")
+            raise ValueError(f"--model={self.model!r} is invalid: allowed values are "
+                             f"{', '.join(KINDS)}, all")
 
 
 def small_model_config() -> GPTConfig:
@@ -94,7 +96,7 @@ def results_table(results: dict) -> str:
     """Markdown table, one row per model kind: results[kind] is a list of train() results (seeds)."""
     max_ent = next((r[0]["routing"][0]["max_ent"] for r in results.values() if r[0].get("routing")), None)
     head = ["model", "params total", "params active", "val loss (nats)", "val bpb", "tokens/s",
-            f"Ent_load (max {max_ent:.3f})" if max_ent else "Ent_load", "Ent_conf"]
+            f"Ent_load (nats, max {max_ent:.3f})" if max_ent else "Ent_load (nats)", "Ent_conf (nats)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for kind, runs in results.items():
         r0 = runs[0]

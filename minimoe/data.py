@@ -10,15 +10,26 @@ DataError(ValueError)                         every bad input raises this, with 
 Corpus(name, train, val, vocab_size, meta)    train/val are 1-D token arrays (ndarray, np.memmap or
     .decode(tokens) -> str                    ShardedArray); uint8 for bytes, uint16 for GPT-2 BPE
     .encode(text) -> np.ndarray
-default_cache_dir() -> Path                   $MINIMOE_CACHE, else ~/.cache/minimoe
+    .check_decoder()                          raise DataError now if decode/encode would fail later
+                                              (GPT-2 BPE without tiktoken): call it before step 0
+default_cache_dir() -> Path                   $MINIMOE_CACHE, else ~/.cache/minimoe; a failed write
+                                              there is a DataError naming the folder and MINIMOE_CACHE=
+remove_stale_tmp(folder) -> [Path]            delete `.NAME.tmpPID` files whose process is gone (an
+                                              interrupted write); each cache build and prepare calls it
 load_corpus(spec="stdlib", cache_dir=None, val_fraction=0.1, max_files=None) -> Corpus
     "stdlib"       the .py sources of this Python's standard library (no download), cached
     "shakespeare"  Tiny Shakespeare, downloaded once into the cache
-    PATH           a UTF-8 text file, a folder of text files, or a folder of shards from prepare.py
+    PATH           a UTF-8 text file, a folder of text files, or a folder of shards from prepare.py.
+                   Only regular files are read (a FIFO, device or socket is refused, never opened),
+                   each exactly to its size. Text means UTF-8: tokens are its bytes, and a file with
+                   NUL bytes or more than 1% invalid UTF-8 is refused as binary.
   Train/val split: a folder (and stdlib) is split BY FILE: in sorted path order, file i is val iff
   i % k == k-1 with k = round(1/val_fraction) (every 10th file for 0.1; the last file if that picks
   none). A single file: the last val_fraction of its bytes. Shard folders keep prepare's split.
   stdlib is cached in cache_dir/stdlib-<pyver>-<hash8>/{train.bin,val.bin,meta.json} and memmapped.
+  A shard folder is checked when loaded: every shard's header dtype against meta.json (dtype,
+  tokenizer, vocab_size) and its largest token id against vocab_size (one pass over the memmap,
+  ~1 s per GB), so a shard from another tokenizer fails here, not mid-training.
 
 write_shard(path, tokens) / read_shard(path) -> np.memmap    token file: a header of 256 int32
                                               (magic 20251074, version 1, token count, dtype code
@@ -42,10 +53,13 @@ processes with A=1: optimizer step s consumes global batches s*W ... s*W + W-1 i
 Batches are CPU tensors; move them with x.to(device, non_blocking=True).
 """
 
+from contextlib import contextmanager
 import hashlib
 import json
 import operator
 import os
+import re
+import stat
 import sys
 import sysconfig
 import time
@@ -57,6 +71,8 @@ import numpy as np
 import torch
 
 BYTE_VOCAB_SIZE = 256
+GPT2_VOCAB_SIZE = 50257
+TOKENIZER_VOCAB = {"byte": BYTE_VOCAB_SIZE, "gpt2": GPT2_VOCAB_SIZE}   # what meta.json's tokenizer implies
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 MIN_CORPUS_TOKENS = 100  # anything smaller is almost certainly the wrong file
 
@@ -68,10 +84,53 @@ HEADER_BYTES = HEADER_WORDS * 4
 DTYPE_CODES = {1: np.dtype("<u1"), 2: np.dtype("<u2")}
 
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
+ACCEPTED = ("'stdlib', 'shakespeare', a UTF-8 text file, a folder of text files, or a folder of shards "
+            "written by minimoe.prepare")
 
 
 class DataError(ValueError):
     """Bad data input: the message says what was found, what is allowed and what to do."""
+
+
+# -----------------------------------------------------------------------------
+# reading files safely: regular files only, never more than their size
+
+SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe): reading it would wait for a writer forever"),
+                 (stat.S_ISCHR, "a character device (like /dev/zero): it has no end to read to"),
+                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def path_kind(path):
+    """None for a regular file or a folder (symlinks followed); otherwise what `path` is, in words."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link" if os.path.islink(path) else "missing"
+    except OSError as e:
+        return f"not accessible ({e.strerror})"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return next((what for test, what in SPECIAL_KINDS if test(mode)), "not a regular file")
+
+
+def read_regular_file(path, what="data file"):
+    """The bytes of a regular file, read up to its size. A FIFO/device/socket raises DataError
+    without blocking (O_NONBLOCK, and fstat on the open descriptor closes the check-then-open race)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        kind = path_kind(path)
+        raise DataError(f"cannot read {what} {path}: {kind if kind and kind != 'missing' else e.strerror}; "
+                        f"check it exists and is readable") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{what} {path} is {path_kind(path) or 'not a regular file'}; only regular "
+                            f"files are read")
+        try:
+            return f.read(st.st_size)       # never past the size it had when opened
+        except OSError as e:
+            raise DataError(f"cannot read {what} {path} ({e.strerror})") from None
 
 
 # -----------------------------------------------------------------------------
@@ -96,16 +155,67 @@ def decode_bytes(tokens):
 # -----------------------------------------------------------------------------
 # shard files (shared with prepare.py)
 
+TMP_NAME = re.compile(r"\..+\.tmp(\d+)")    # .NAME.tmpPID: _atomic_write's (and train's ckpt) temp files
+
+
 def _atomic_write(path, chunks):
     # write to a temp file and rename: a crash never leaves a half-written file under `path`
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:              # disk full, Ctrl-C: leave nothing behind (a kill -9 still can)
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)                # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError) as e:
+        return isinstance(e, PermissionError)      # another user's process is alive; a bad pid is not
+    return True
+
+
+def remove_stale_tmp(folder):
+    """Delete the temp files (`.NAME.tmpPID`, regular files only) that an interrupted write left in
+    `folder`: those whose process no longer runs on this machine. Returns the removed paths.
+    (A folder shared by several machines could hold another host's live temp file: don't share one
+    cache or prepare folder between machines that write it at the same time.)"""
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = TMP_NAME.fullmatch(p.name)
+        if m and stat.S_ISREG(p.lstat().st_mode) and int(m[1]) != os.getpid() and not _pid_alive(int(m[1])):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) left in {folder} by an interrupted run: "
+              f"{', '.join(p.name for p in sorted(removed)[:3])}{' ...' if len(removed) > 3 else ''}",
+              file=sys.stderr)
+    return removed
+
+
+@contextmanager
+def writing(folder, fix=None):
+    """Turn an OSError (read-only, full disk, a file where a folder should be) raised while writing
+    under `folder` into one DataError naming the folder and how to choose another one."""
+    try:
+        yield
+    except OSError as e:
+        env = os.environ.get("MINIMOE_CACHE")
+        fix = fix or (f"choose another folder with MINIMOE_CACHE=/path/with/space (now "
+                      f"{'MINIMOE_CACHE=' + env if env else 'unset: ~/.cache/minimoe'})")
+        raise DataError(f"cannot write to {folder} ({e.strerror or e}{': ' + e.filename if e.filename else ''}); "
+                        f"{fix}") from None
 
 
 def write_shard(path, tokens):
@@ -124,8 +234,11 @@ def write_shard(path, tokens):
 
 def read_shard(path):
     path = Path(path)
-    if not path.is_file():
+    kind = "a folder" if path.is_dir() else path_kind(path)
+    if kind == "missing":
         raise DataError(f"shard {path} does not exist; run `python -m minimoe.prepare` to create it")
+    if kind:
+        raise DataError(f"shard {path} is {kind}; a shard is a regular file written by minimoe.prepare")
     size = path.stat().st_size
     if size < HEADER_BYTES:
         raise DataError(f"shard {path} is {size} bytes, smaller than the {HEADER_BYTES}-byte header; "
@@ -212,6 +325,19 @@ class Corpus:
                             f"pip install tiktoken") from None
         return tiktoken.get_encoding("gpt2")
 
+    def check_decoder(self):
+        """Raise DataError now if decode()/encode() would fail later: GPT-2 BPE tokens need tiktoken,
+        and only the byte and GPT-2 tokenizers are known. Cheap; train() calls it before step 0, so
+        a missing package is not found only when sample.txt is written after the whole run."""
+        if self.vocab_size == BYTE_VOCAB_SIZE:
+            return
+        tokenizer = self.meta.get("tokenizer", "gpt2")
+        if tokenizer != "gpt2" or self.vocab_size > GPT2_VOCAB_SIZE:
+            raise DataError(f"corpus {self.name!r} has tokenizer {tokenizer!r} with vocab_size {self.vocab_size}; "
+                            f"minimoe decodes only 'byte' (256) and 'gpt2' ({GPT2_VOCAB_SIZE}) tokens: "
+                            f"re-prepare the data with --tokenizer=byte or --tokenizer=gpt2")
+        self._tiktoken()
+
     def decode(self, tokens):
         if self.vocab_size == BYTE_VOCAB_SIZE:
             return decode_bytes(tokens)
@@ -237,23 +363,41 @@ def load_corpus(spec="stdlib", cache_dir=None, val_fraction=0.1, max_files=None)
         raise DataError(f"val_fraction must be a number strictly between 0 and 1, got {val_fraction!r}")
     if max_files is not None and (not isinstance(max_files, int) or max_files < 1):
         raise DataError(f"max_files must be a positive int or None, got {max_files!r}")
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
+        raise DataError(f"data {spec!r} is invalid: give {ACCEPTED}")
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if spec == "stdlib":
         return _stdlib_corpus(cache_dir, val_fraction, max_files)
     if spec == "shakespeare":
         return _text_corpus("shakespeare", [_download_shakespeare(cache_dir)], val_fraction)
     path = Path(str(spec)).expanduser()
-    if not path.exists():
-        raise DataError(f"data path {str(spec)!r} does not exist; pass 'stdlib', 'shakespeare', "
-                        f"a text file, a folder of text files, or a folder written by minimoe.prepare")
+    kind = path_kind(path)
+    if kind == "missing":
+        raise DataError(f"data path {str(spec)!r} does not exist; pass {ACCEPTED}")
+    if kind:
+        raise DataError(f"data path {str(spec)!r} is {kind}; pass {ACCEPTED}")
     if path.is_dir() and (any(path.glob("train_*.bin")) or any(path.glob("val_*.bin"))):
         return _shard_corpus(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+        files = _folder_files(path)
         if not files:
             raise DataError(f"folder {path} contains no (non-hidden) files; point --data at text files")
         return _text_corpus(path.resolve().name, files[:max_files], val_fraction, source=str(path))
     return _text_corpus(path.stem, [path], val_fraction)
+
+
+def _folder_files(folder):
+    """The non-hidden regular files under `folder`, sorted; anything else there is an error."""
+    files = []
+    for p in sorted(folder.rglob("*")):              # (rglob does not follow symlinked folders)
+        if _hidden(p.relative_to(folder)) or p.is_dir():
+            continue
+        kind = path_kind(p)
+        if kind:
+            raise DataError(f"{p} in data folder {folder} is {kind}; a text folder may hold only regular "
+                            f"UTF-8 text files (hidden files are skipped): remove it or point --data elsewhere")
+        files.append(p)
+    return files
 
 
 def _hidden(rel):  # hidden files/folders and Python bytecode caches are never text data
@@ -302,9 +446,10 @@ def _stdlib_corpus(cache_dir, val_fraction, max_files):
         try:
             return Corpus("stdlib", read_shard(out / "train.bin"), read_shard(out / "val.bin"),
                           BYTE_VOCAB_SIZE, json.loads(meta_path.read_text()))
-        except (DataError, json.JSONDecodeError) as e:
+        except (DataError, OSError, ValueError) as e:          # (JSONDecodeError is a ValueError)
             print(f"stdlib cache at {out} is broken ({e}); rebuilding", file=sys.stderr)
-    meta = _build_stdlib(root, files, val_fraction, out)
+    with writing(out):
+        meta = _build_stdlib(root, files, val_fraction, out)
     return Corpus("stdlib", read_shard(out / "train.bin"), read_shard(out / "val.bin"), BYTE_VOCAB_SIZE, meta)
 
 
@@ -314,12 +459,13 @@ def _build_stdlib(root, files, val_fraction, out):
     sha = hashlib.sha256()
     for i, rel in enumerate(files):
         # a short header line tells the model (and you, when reading samples) where a file starts
-        chunk = f"# file: {rel}\n".encode() + (root / rel).read_bytes()
+        chunk = f"# file: {rel}\n".encode() + read_regular_file(root / rel, "standard library file")
         sha.update(chunk)
         chunks["val" if _is_val_file(i, val_fraction) else "train"].append(chunk)
     train, val = (np.frombuffer(b"".join(chunks[s]), dtype=np.uint8) for s in ("train", "val"))
     _check_split("stdlib", train, val, "use a smaller val_fraction or more files")
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out)                      # an earlier build that was killed mid-write
     write_shard(out / "train.bin", train)
     write_shard(out / "val.bin", val)
     meta = {"name": "stdlib", "tokenizer": "byte", "vocab_size": BYTE_VOCAB_SIZE,
@@ -336,24 +482,28 @@ def _build_stdlib(root, files, val_fraction, out):
 def _download_shakespeare(cache_dir):
     path = cache_dir / "shakespeare" / "input.txt"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with writing(path.parent):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp(path.parent)
         try:
             with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as r:
                 data = r.read()
         except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors
             raise DataError(f"downloading Tiny Shakespeare from {SHAKESPEARE_URL} failed ({e}); "
                             f"if you are offline pass --data=PATH to a local text file instead") from None
-        _atomic_write(path, [data])
+        with writing(path.parent):
+            _atomic_write(path, [data])
     return path
 
 
 def _read_text_file(path):
-    data = Path(path).read_bytes()
+    data = read_regular_file(path, "text file")
     # byte tokens can encode anything, but NULs or lots of invalid UTF-8 mean a non-text file
     bad = data.decode("utf-8", errors="replace").count("\ufffd")
     if b"\x00" in data or bad > 0.01 * len(data):
-        raise DataError(f"{path} looks binary (NUL bytes or {bad} invalid UTF-8 sequences in "
-                        f"{len(data)} bytes); only UTF-8 text is allowed: remove it or point at text files")
+        raise DataError(f"{path} looks binary ({data.count(0)} NUL bytes, {bad} invalid UTF-8 sequences in "
+                        f"{len(data)} bytes); only UTF-8 text is allowed (at most 1% invalid sequences, "
+                        f"no NUL bytes): remove it or point at text files")
     return data
 
 
@@ -394,14 +544,50 @@ def _shard_corpus(path):
         vocab_size = int(meta["vocab_size"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise DataError(f"{meta_path} is not a valid prepare meta.json ({e!r}); re-run prepare") from None
+    tokenizer = meta.get("tokenizer")
+    if not 1 <= vocab_size <= 2**16 or (tokenizer in TOKENIZER_VOCAB and vocab_size != TOKENIZER_VOCAB[tokenizer]):
+        raise DataError(f"{meta_path} says tokenizer {tokenizer!r} with vocab_size {vocab_size}; expected "
+                        f"{TOKENIZER_VOCAB} and at most 65536 (uint16 shards): {_reprepare(path)}")
     splits = {}
     for split in ("train", "val"):
         shards = [read_shard(p) for p in sorted(path.glob(f"{split}_*.bin"))]
         if not shards or sum(len(s) for s in shards) < 2:
             raise DataError(f"{path} has no {split} tokens ({split}_*.bin shards); re-run prepare "
                             f"with a larger input or a different --val_fraction")
+        for p, shard in zip(sorted(path.glob(f"{split}_*.bin")), shards):
+            _check_shard_tokens(p, shard, meta, vocab_size, path)
         splits[split] = shards[0] if len(shards) == 1 else ShardedArray(shards)
     return Corpus(meta.get("name", path.name), splits["train"], splits["val"], vocab_size, meta)
+
+
+def _check_shard_tokens(p, shard, meta, vocab_size, folder):
+    # a uint8 shard cannot hold GPT-2 ids, a shard from another tokenizer has ids past the vocabulary:
+    # either would crash (or silently mislearn) mid-training, so look now: one pass over the memmap
+    dtype = np.dtype(shard.dtype)
+    if meta.get("dtype", dtype.name) != dtype.name or vocab_size > np.iinfo(dtype).max + 1:
+        raise DataError(f"shard {p} holds {dtype.name} tokens but meta.json says dtype "
+                        f"{meta.get('dtype', '(none)')!r}, vocab_size {vocab_size}: they do not belong "
+                        f"together; {_reprepare(folder)}")
+    top = int(shard.max()) if len(shard) else -1
+    if top >= vocab_size:
+        raise DataError(f"shard {p} holds token id {top}, but meta.json says vocab_size {vocab_size} "
+                        f"(ids 0..{vocab_size - 1}): the shard is corrupt or from another tokenizer; "
+                        f"{_reprepare(folder)}")
+
+
+def _reprepare(folder):
+    """How to re-create a prepared folder: the prepare command its progress.json remembers."""
+    try:
+        cfg = json.loads((Path(folder) / "progress.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        cfg = {}
+    if cfg.get("command") == "fineweb":
+        cmd = f"python -m minimoe.prepare fineweb --name={cfg.get('name')} --out_dir={folder}"
+    elif cfg.get("command") == "text":
+        cmd = f"python -m minimoe.prepare text {cfg.get('source')} --tokenizer={cfg.get('tokenizer')} --out_dir={folder}"
+    else:
+        cmd = f"python -m minimoe.prepare text|fineweb ... --out_dir={folder}"
+    return f"delete {folder} and prepare it again: {cmd}"
 
 
 # -----------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dispatch import Routing, combine, grouped_mm, plan_dispatch, resolve_impl, route, swiglu_experts
+from .dispatch import Routing, combine, grouped_mm, load_entropy, plan_dispatch, resolve_impl, route, swiglu_experts
 from .lowrank import svd_factorize
 from .moe import MoE
 
@@ -291,12 +291,11 @@ class RuleFFN(nn.Module):
 
     def agreement(self) -> dict:
         """Token-averaged agreement with the router, plus the load (Eq. 7) of this rule's choice:
-        load = share of token-slots per expert, ent_load normalized by its maximum log E."""
+        load = share of token-slots per expert, ent_load its entropy in nats (at most max_ent = log E)."""
         n = max(self.agree["tokens"], 1)
         load = self.counts / self.counts.sum().clamp_min(1)
-        ent = -(load * load.clamp_min(1e-12).log()).sum().item() / math.log(self.moe.n_experts)
         return {**{k: v / n for k, v in self.agree.items() if k != "tokens"},
-                "load": load.tolist(), "ent_load": ent}
+                "load": load.tolist(), "ent_load": load_entropy(load), "max_ent": math.log(self.moe.n_experts)}
 
 
 @contextmanager
@@ -322,7 +321,7 @@ def use_rule(model, rule: Rule):
 def evaluate_rule(model, batches, rule: Rule = Rule("router")) -> dict:
     """Mean cross-entropy of `model` on `batches` [(x, y), ...] with every MoE layer using `rule`,
     its agreement with the router (averaged over tokens and layers; 1.0 for the router) and how
-    evenly it spreads tokens (ent_load: Eq. 7 over log E, 1.0 = perfectly balanced).
+    evenly it spreads tokens (ent_load: Eq. 7 in nats, max_ent = log E when perfectly balanced).
     batch_losses: the loss of each batch, in order, for error bars (bootstrap_batches)."""
     was_training = model.training
     model.eval()
@@ -336,7 +335,7 @@ def evaluate_rule(model, batches, rule: Rule = Rule("router")) -> dict:
     finally:
         model.train(was_training)
     mean = {k: float(np.mean([a[k] for a in per_layer.values()]))
-            for k in ("same_set", "overlap", "top1", "ent_load")}
+            for k in ("same_set", "overlap", "top1", "ent_load", "max_ent")}
     return {"rule": rule.label, "val_loss": float(np.mean(losses)), **mean, "per_layer": per_layer,
             "batch_losses": losses}
 
@@ -456,7 +455,7 @@ def train_or_load(model_config, train_config, name: str, cache_dir=None) -> dict
     else in that folder is an interrupted attempt and is trained again from scratch.
     Returns {"model" (eval mode), "log" (log.jsonl rows), "result" (train()'s final metrics),
     "out_dir", "cached" (True if loaded)}."""
-    from .data import default_cache_dir        # lazy: the analysis helpers above need no I/O
+    from .data import default_cache_dir, writing   # lazy: the analysis helpers above need no I/O
     from .plots import read_log
     from .train import load_model, train
 
@@ -468,15 +467,18 @@ def train_or_load(model_config, train_config, name: str, cache_dir=None) -> dict
     done = out / "result.json"
     cached = done.is_file()
     if not cached:
-        if out.exists():
-            shutil.rmtree(out)                 # a previous attempt that did not finish
+        with writing(out.parent):              # an unwritable cache: one line naming it, before training
+            if out.exists():
+                shutil.rmtree(out)             # a previous attempt that did not finish
+            out.mkdir(parents=True)
         res = train(model_config, replace(train_config, out_dir=str(out), init_from="scratch"))
         if res.get("interrupted"):
             raise RuntimeError(f"training of {name!r} was interrupted ({res['interrupted']}); run again")
         res.pop("model")
         tmp = out / f".result.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps({k: v for k, v in res.items() if k != "sample"}, default=str))
-        os.replace(tmp, done)                  # atomic: marks the run complete
+        with writing(out):
+            tmp.write_text(json.dumps({k: v for k, v in res.items() if k != "sample"}, default=str))
+            os.replace(tmp, done)              # atomic: marks the run complete
     model, _ = load_model(out)                 # the checkpoint of the last evaluation = the final model
     return {"model": model, "log": read_log(out), "result": json.loads(done.read_text()),
             "out_dir": out, "cached": cached}

@@ -24,10 +24,19 @@ from .aoe import AoE, d_wide_for_matched_params
 from .dense import DenseFFN
 from .dispatch import DISPATCH_IMPLS, routing_stats
 from .moe import MoE
+from .validate import check_fields, ranges
 
 FFN_KINDS = {"dense": DenseFFN, "moe": MoE, "aoe": AoE}
+MAX_PARAMS = 1e12                # GPTConfig refuses sizes whose parameter bound is above this
 
 
+# Allowed interval of every number (minimoe/validate.py walks the fields by type hint). Sizes stop
+# where no machine could hold the model; MAX_PARAMS bounds their product.
+@ranges(vocab_size="[1, 2e6]", block_size="[1, 1048576]", n_layer="[1, 1024]", n_head="[1, 1024]",
+        n_embd="[2, 65536]", n_experts="[1, 4096]", top_k="[1, 4096]", d_ffn="[1, 1048576]",
+        d_low="[1, 65536]", d_wide="[1, 1048576]", moe_every="[1, 1024]", aux_loss_coef="[0, 1e3]",
+        z_loss_coef="[0, 1e3]", dropout="[0, 1)", rope_theta="(1, 1e12]", init_std="(0, 1]",
+        w_up_init_std="(0, 1]")
 @dataclass
 class GPTConfig:
     """Defaults: the paper's small model (12 x 768, 8 experts, top-2, d_ffn 3072, d_low 256)."""
@@ -54,17 +63,9 @@ class GPTConfig:
     w_up_init_std: float | None = None  # AoE W_up init; None: 1/sqrt(d_low), see aoe.py (0.02 = the paper's)
 
     def __post_init__(self):
+        check_fields(self)                 # types, finiteness and RANGES, before the relations below
         def bad(name, allowed):
             raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_experts", "top_k",
-                     "moe_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                bad(name, "must be a positive integer")
-        for name in ("d_ffn", "d_low", "d_wide"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                bad(name, "must be a positive integer, or None to choose it automatically")
         if self.ffn not in FFN_KINDS:
             bad("ffn", f"allowed values are {sorted(FFN_KINDS)}")
         if self.n_embd % self.n_head:
@@ -77,14 +78,17 @@ class GPTConfig:
             bad("d_low", f"the rank of W_down cannot exceed n_embd={self.n_embd} (the paper uses d_low < d_model)")
         if self.moe_every > self.n_layer:
             bad("moe_every", f"must be between 1 and n_layer={self.n_layer}")
-        if not 0.0 <= self.dropout < 1.0:
-            bad("dropout", "must be in [0, 1)")
-        if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
-            bad("aux_loss_coef" if self.aux_loss_coef < 0 else "z_loss_coef", "must be >= 0 (0 turns it off)")
-        if self.w_up_init_std is not None and not self.w_up_init_std > 0:
-            bad("w_up_init_std", "must be > 0, or None for 1/sqrt(d_low)")
         if self.dispatch not in DISPATCH_IMPLS:
             bad("dispatch", f"allowed values are {DISPATCH_IMPLS}")
+        # an upper bound on the parameters (every layer with the widest expert): a cheap product
+        # of the sizes, so a typo like --n_layer=1000 --n_embd=65536 stops here, not in an OOM
+        D, H = self.n_embd, max(self.ffn_dim, self.wide_dim if self.ffn == "aoe" else 0)
+        E = 1 if self.ffn == "dense" else self.n_experts
+        n = self.vocab_size * D * 2 + self.n_layer * (4 * D * D + E * (3 * D * H + D * self.low_dim))
+        if n > MAX_PARAMS:
+            raise ValueError(f"GPTConfig is invalid: about {n:.1e} parameters (n_layer={self.n_layer}, "
+                             f"n_embd={D}, n_experts={self.n_experts}, expert width {H}, vocab_size="
+                             f"{self.vocab_size}), more than {MAX_PARAMS:.0e}; use smaller sizes")
 
     # The three "None = automatic" widths, resolved. Properties (not stored values) so that a
     # config copied with dataclasses.replace(n_embd=...) never carries a stale width.

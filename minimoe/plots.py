@@ -5,6 +5,7 @@
     plot_losses(logs, "loss.png")          val loss vs tokens seen, all models on one plot
     plot_expert_load(logs, "experts.png")  each expert's share of the tokens, per layer, over training
     plot_routing_entropy(logs, "routing.png")  Ent_load (Eq. 7) and Ent_conf (Eq. 8) over training
+Entropies are in nats everywhere (dispatch.load_entropy), shown next to their maximum log E.
 
 Built on matplotlib's Figure object (never pyplot), so it works headless and leaves the notebook
 backend alone. `read_log(out_dir)` loads a run's rows.
@@ -119,8 +120,8 @@ def plot_expert_load(logs: dict, path, title: str | None = None) -> bool:
             norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0 / E, vmax=max(2.0 / E, load.max()))
             image = ax.pcolormesh(edges, np.arange(E + 1) - 0.5, load, cmap="RdBu_r", norm=norm)
             last = rows[-1]["routing"][c]
-            ax.set_title(f"{name} · layer {last['layer']}\nEnt_load {last['ent_load']:.2f} / "
-                         f"max {last['max_ent']:.2f}", fontsize=9)
+            ax.set_title(f"{name} · layer {last['layer']}\nEnt_load {last['ent_load']:.2f} nats "
+                         f"(max log E = {last['max_ent']:.2f})", fontsize=9)
             if c == 0:
                 ax.set_ylabel("expert")
             if r == len(models) - 1:
@@ -133,7 +134,7 @@ def plot_expert_load(logs: dict, path, title: str | None = None) -> bool:
 
 
 def plot_routing_entropy(logs: dict, path, title: str | None = None) -> bool:
-    """Ent_load (Eq. 7: balance, max log n) and Ent_conf (Eq. 8: lower = more confident scores),
+    """Ent_load (Eq. 7: balance, max log E) and Ent_conf (Eq. 8: lower = more confident scores), in nats,
     averaged over layers, against tokens; several runs give mean +- std. False if nothing routes."""
     models = {n: _runs(r) for n, r in logs.items() if _runs(r) and _runs(r)[0][-1].get("ent_load") is not None}
     if not models:
@@ -148,9 +149,9 @@ def plot_routing_entropy(logs: dict, path, title: str | None = None) -> bool:
             ax.plot(x, mean, "-o", ms=3, color=_color(name, i), label=name)
             if len(runs) > 1:
                 ax.fill_between(x, mean - std, mean + std, color=_color(name, i), alpha=0.2, lw=0)
-    for ax, what in zip(axes, ("Ent_load (Eq. 7): how evenly tokens spread over experts",
-                               "Ent_conf (Eq. 8): how unsure the scores are per token")):
-        ax.axhline(max_ent, ls="--", color="k", lw=1, label=f"log n = {max_ent:.2f} (uniform)")
+    for ax, what in zip(axes, ("Ent_load (Eq. 7, nats): how evenly tokens spread over experts",
+                               "Ent_conf (Eq. 8, nats): how unsure the scores are per token")):
+        ax.axhline(max_ent, ls="--", color="k", lw=1, label=f"log E = {max_ent:.2f} nats (uniform)")
         ax.set_xlabel("tokens seen (training)")
         ax.xaxis.set_major_formatter(EngFormatter())
         ax.set_ylabel("entropy (nats), mean over layers")

@@ -32,10 +32,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from minimoe.data import BYTE_VOCAB_SIZE, DataError, _atomic_write, default_cache_dir, load_corpus, \
-    read_shard, write_shard
+from minimoe.data import BYTE_VOCAB_SIZE, GPT2_VOCAB_SIZE, DataError, _atomic_write, default_cache_dir, \
+    load_corpus, read_shard, remove_stale_tmp, write_shard, writing
 
-GPT2_VOCAB_SIZE = 50257
 FINEWEB_DATASET = "HuggingFaceFW/fineweb-edu"
 CHUNK_BYTES = 1 << 20  # local text is fed to the tokenizer in ~1 MB pieces (progress + bounded memory)
 
@@ -50,7 +49,22 @@ def _require(*modules):
 
 
 def _read_json(path, default):
-    return json.loads(path.read_text()) if path.is_file() else default
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} cannot be read ({e}); delete it (and the shards next to it) to start "
+                        f"this folder over") from None
+
+
+def _is_progress(p):
+    # the shape write_shards reads back: {"config", "streams": {name: {"shards": [entry], "done"}}}
+    try:
+        return "config" in p and all(isinstance(st["done"], bool) and all(
+            {"file", "tokens", "doc", "offset"} <= set(e) for e in st["shards"]) for st in p["streams"].values())
+    except (KeyError, TypeError, AttributeError):
+        return False
 
 
 def _write_json(path, obj):
@@ -61,7 +75,7 @@ def _write_json(path, obj):
 # the resumable shard writer shared by both commands
 
 def write_shards(docs_from, out_dir, shard_name, shard_tokens, dtype, stream="all", config=None,
-                 max_tokens=None):
+                 max_tokens=None, fix=None):
     """Pack documents into shards of exactly `shard_tokens` tokens (the last one may be shorter).
 
     docs_from(d): yields documents d, d+1, ... as 1-D int arrays, in the same order on every call.
@@ -69,11 +83,18 @@ def write_shards(docs_from, out_dir, shard_name, shard_tokens, dtype, stream="al
     progress.json (one folder may hold several, e.g. "train" and "val"); `config` must be equal
     between the first run and any resume. Stops after `max_tokens` tokens if given.
     Returns this stream's entry of progress.json: {"shards": [...], "done": bool}.
+    A failed write (read-only, disk full) is a DataError naming out_dir, with `fix` (default: how
+    to choose another MINIMOE_CACHE); errors while reading documents (a download) pass through.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with writing(out_dir, fix):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(out_dir)              # half-written shards of an interrupted run
     progress_path = out_dir / "progress.json"
     progress = _read_json(progress_path, {"config": config, "streams": {}})
+    if not _is_progress(progress):
+        raise DataError(f"{progress_path} is not a minimoe.prepare progress file; delete it (and the "
+                        f"shards next to it) to start this folder over")
     if progress["config"] != config:
         raise DataError(f"{out_dir} was prepared with different settings ({progress['config']}, now "
                         f"{config}); use a new --out_dir or delete {out_dir} to start over")
@@ -104,9 +125,10 @@ def write_shards(docs_from, out_dir, shard_name, shard_tokens, dtype, stream="al
         # write the shard, then record where the next one starts (doc, offset); a crash between
         # the two only means this shard is written again, identically, on restart
         name = shard_name(len(state["shards"]))
-        write_shard(out_dir / name, buf[:fill])
-        state["shards"].append({"file": name, "tokens": fill, "doc": doc, "offset": offset})
-        _write_json(progress_path, progress)
+        with writing(out_dir, fix):
+            write_shard(out_dir / name, buf[:fill])
+            state["shards"].append({"file": name, "tokens": fill, "doc": doc, "offset": offset})
+            _write_json(progress_path, progress)
 
     bar = tqdm(total=max_tokens, initial=total, unit="tok", unit_scale=True, desc=f"{stream} shards")
     stopped = False
@@ -131,7 +153,8 @@ def write_shards(docs_from, out_dir, shard_name, shard_tokens, dtype, stream="al
     if fill:
         flush()
     state["done"] = not stopped  # stopped by max_tokens: a later run with a larger limit continues
-    _write_json(progress_path, progress)
+    with writing(out_dir, fix):
+        _write_json(progress_path, progress)
     return state
 
 
@@ -173,6 +196,7 @@ def prepare_text(path, tokenizer="byte", out_dir=None, val_fraction=0.01, shard_
         enc = _require("tiktoken")[0].get_encoding("gpt2")
         encode = lambda b: np.array(enc.encode_ordinary(b.tobytes().decode("utf-8", "replace")), np.uint16)
         dtype, vocab = np.uint16, GPT2_VOCAB_SIZE
+    fix = "choose another --out_dir" if out_dir else None           # None: say MINIMOE_CACHE=
     out_dir = Path(out_dir) if out_dir else default_cache_dir() / "prepared" / f"{corpus.name}-{tokenizer}"
     sha = hashlib.sha256(np.asarray(corpus.train).tobytes() + np.asarray(corpus.val).tobytes()).hexdigest()
     config = {"command": "text", "source": str(path), "source_sha256": sha, "tokenizer": tokenizer,
@@ -187,9 +211,10 @@ def prepare_text(path, tokenizer="byte", out_dir=None, val_fraction=0.01, shard_
                 yield encode(data[start:end])
 
         streams.append(write_shards(docs_from, out_dir, lambda k, split=split: f"{split}_{k:06d}.bin",
-                                    shard_tokens, dtype, stream=split, config=config))
-    return out_dir, _write_meta(out_dir, streams, name=corpus.name, source=str(path), tokenizer=tokenizer,
-                                vocab_size=vocab, dtype=np.dtype(dtype).name, split=corpus.meta["split"])
+                                    shard_tokens, dtype, stream=split, config=config, fix=fix))
+    with writing(out_dir, fix):
+        return out_dir, _write_meta(out_dir, streams, name=corpus.name, source=str(path), tokenizer=tokenizer,
+                                    vocab_size=vocab, dtype=np.dtype(dtype).name, split=corpus.meta["split"])
 
 
 def prepare_fineweb(out_dir=None, name="sample-10BT", shard_tokens=100_000_000, max_tokens=None):
@@ -205,13 +230,15 @@ def prepare_fineweb(out_dir=None, name="sample-10BT", shard_tokens=100_000_000, 
         for row in (ds.skip(d) if d else ds):  # skip() still downloads, but we don't re-tokenize
             yield np.array([eot] + enc.encode_ordinary(row["text"]), dtype=np.uint16)
 
+    fix = "choose another --out_dir" if out_dir else None           # None: say MINIMOE_CACHE=
     out_dir = Path(out_dir) if out_dir else default_cache_dir() / f"fineweb-edu-{name}"
     config = {"command": "fineweb", "dataset": FINEWEB_DATASET, "name": name, "shard_tokens": shard_tokens}
     state = write_shards(docs_from, out_dir, lambda k: f"{'val' if k == 0 else 'train'}_{k:06d}.bin",
-                         shard_tokens, np.uint16, stream="fineweb", config=config, max_tokens=max_tokens)
-    return out_dir, _write_meta(out_dir, [state], name=f"fineweb-edu-{name}", source=FINEWEB_DATASET,
-                                tokenizer="gpt2", vocab_size=GPT2_VOCAB_SIZE, dtype="uint16",
-                                split="shard 0 is val, the rest train")
+                         shard_tokens, np.uint16, stream="fineweb", config=config, max_tokens=max_tokens, fix=fix)
+    with writing(out_dir, fix):
+        return out_dir, _write_meta(out_dir, [state], name=f"fineweb-edu-{name}", source=FINEWEB_DATASET,
+                                    tokenizer="gpt2", vocab_size=GPT2_VOCAB_SIZE, dtype="uint16",
+                                    split="shard 0 is val, the rest train")
 
 
 def main(argv=None):
@@ -230,8 +257,8 @@ def main(argv=None):
     p.add_argument("--max_tokens", type=int, default=None, help="stop after this many tokens")
     args = parser.parse_args(argv)
     try:
-        if args.shard_tokens < 1:
-            raise DataError(f"--shard_tokens must be >= 1, got {args.shard_tokens}")
+        if not 1 <= args.shard_tokens < 2**31:         # the shard header counts tokens in an int32
+            raise DataError(f"--shard_tokens must be in [1, 2**31 - 1], got {args.shard_tokens}")
         if args.command == "text":
             out_dir, meta = prepare_text(args.path, args.tokenizer, args.out_dir, args.val_fraction,
                                          args.shard_tokens)

@@ -16,8 +16,11 @@ import torch
 
 from .data import DataError, decode_bytes, encode_bytes
 from .train import load_model, parse_overrides, resolve_device
+from .validate import check_fields, ranges
 
 
+@ranges(num_samples="[1, 1024]", max_new_tokens="[0, 100000]", temperature="[0, 100]", top_k="[1, 2e6]",
+        seed="[0, 1e18]")           # minimoe/validate.py: every number finite and inside its interval
 @dataclass
 class SampleConfig:
     out_dir: str = "out-small/aoe"     # folder with ckpt.pt (or the file itself)
@@ -30,10 +33,10 @@ class SampleConfig:
     device: str = "auto"               # "auto" | "cpu" | "cuda" | "mps"
 
     def __post_init__(self):
-        for name, low in (("num_samples", 1), ("max_new_tokens", 0)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise ValueError(f"SampleConfig.{name}={v!r} is invalid: must be an integer >= {low}")
+        check_fields(self)
+        if 0 < self.temperature < 0.01:     # logits / 1e-30 overflow to inf and the softmax to NaN
+            raise ValueError(f"SampleConfig.temperature={self.temperature!r} is invalid: must be 0 "
+                             f"(greedy) or at least 0.01")
 
 
 def tokenizer_for(ckpt: dict):

@@ -73,8 +73,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .data import BatchSampler, Corpus, load_corpus
+from .dispatch import load_entropy
 from .hardware import mfu, peak_flops
 from .model import GPT, GPTConfig
+from .validate import MAY_BE_EMPTY, allowed, check_fields, ranges, show
 
 VAL_SEED = 0                     # the val batches: the same for every model, seed and run
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 40
@@ -85,6 +87,13 @@ RESUMABLE_MODEL_FIELDS = ("dispatch", "dropout")
 
 # --------------------------------------------------------------------------- 1. config
 
+# Allowed interval of every number (minimoe/validate.py walks the fields by type hint). Counts stop
+# where a run could never finish; evaluation and sampling stay short enough not to look like a hang.
+@ranges(max_iters="[1, 1e12]", eval_interval="[1, 1e12]", eval_iters="[1, 100000]", log_interval="[1, 1e12]",
+        batch_size="[1, 65536]", total_batch_tokens="[1, 1e13]", learning_rate="(0, 1]", min_lr="[0, 1]",
+        warmup_iters="[0, 1e12]", lr_decay_iters="[1, 1e12]", weight_decay="[0, 1e3]", beta1="[0, 1)",
+        beta2="[0, 1)", grad_clip="[0, 1e6]", threads="[0, 4096]", seed="[0, 1e18]", peak_flops="(0, 1e21]",
+        sample_tokens="[0, 100000]", sample_start=MAY_BE_EMPTY)
 @dataclass
 class TrainConfig:
     # I/O
@@ -124,34 +133,24 @@ class TrainConfig:
     progress: bool = True                # show a tqdm progress bar
 
     def __post_init__(self):
+        check_fields(self)                 # types, finiteness and RANGES, before the relations below
         def bad(name, allowed):
             raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
-        for name, low in (("max_iters", 1), ("eval_interval", 1), ("eval_iters", 1), ("log_interval", 1),
-                          ("batch_size", 1), ("warmup_iters", 0), ("threads", 0), ("seed", 0),
-                          ("sample_tokens", 0), ("total_batch_tokens", 1), ("lr_decay_iters", 1)):
-            v = getattr(self, name)
-            optional = name in ("total_batch_tokens", "lr_decay_iters")
-            if (v is None and not optional) or (v is not None and (not isinstance(v, int) or isinstance(v, bool)
-                                                                    or v < low)):
-                bad(name, f"must be an integer >= {low}" + (", or None" if optional else ""))
         if self.init_from not in ("scratch", "resume"):
             bad("init_from", "allowed values are 'scratch' and 'resume'")
-        if not isinstance(self.overwrite, bool):
-            bad("overwrite", "must be true or false")
-        if not self.learning_rate > 0:
-            bad("learning_rate", "must be > 0")
-        for name in ("min_lr", "weight_decay", "grad_clip"):
-            if not getattr(self, name) >= 0:
-                bad(name, "must be >= 0")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                bad(name, "must be in [0, 1)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             bad("dtype", "allowed values are 'auto', 'float32', 'bfloat16', 'float16'")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             bad("device", "allowed values are 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
-        if self.peak_flops is not None and not self.peak_flops > 0:
-            bad("peak_flops", "must be > 0 (FLOP/s), or None to look it up")
+        if self.min_lr > self.learning_rate:
+            bad("min_lr", f"must be <= learning_rate={self.learning_rate}: the cosine decays from "
+                          f"learning_rate down to min_lr")
+        if self.lr_decay_iters is not None and self.warmup_iters > self.lr_decay_iters:
+            bad("warmup_iters", f"must be <= lr_decay_iters={self.lr_decay_iters}: the warmup ends "
+                                f"before the cosine decay does")
+        if self.learning_rate * self.weight_decay >= 1:
+            bad("weight_decay", f"learning_rate x weight_decay = {self.learning_rate * self.weight_decay:g} "
+                                f"must be < 1: AdamW multiplies every weight by (1 - lr x wd) each step")
 
 
 # --------------------------------------------------------------------------- 2. command line
@@ -169,15 +168,18 @@ def help_text(*configs) -> str:
     lines = ["options (--field=value; bools take true/false, Optional fields take None):"]
     for c in configs:
         comments = _field_comments(type(c))
+        table = getattr(type(c), "RANGES", {})
         lines.append(f"\n  {type(c).__name__}:")
         for f in fields(c):
             option = f"--{f.name}={getattr(c, f.name)!r}"
-            lines.append(f"    {option:<34} {comments.get(f.name, '')}".rstrip())
+            span = f"(range {table[f.name]})" if table.get(f.name, MAY_BE_EMPTY) != MAY_BE_EMPTY else ""
+            lines.append(f"    {option:<34} {' '.join(filter(None, (comments.get(f.name), span)))}".rstrip())
     return "\n".join(lines)
 
 
-def _convert(name: str, text: str, hint):
-    """Parse the text of --name=text into the field's type (int, float, bool, str, X | None)."""
+def _convert(name: str, text: str, hint, cls=None):
+    """Parse the text of --name=text into the field's type (int, float, bool, str, X | None).
+    Only the syntax is checked here; the value's range is the dataclass's __post_init__'s job."""
     args = typing.get_args(hint)
     if type(None) in args:
         if text.lower() == "none":
@@ -188,19 +190,22 @@ def _convert(name: str, text: str, hint):
             return True
         if text.lower() in ("false", "0", "no", "off"):
             return False
-        raise ValueError(f"--{name}={text!r} is not a boolean: use true/false (or 1/0)")
+        raise ValueError(f"--{name}={show(text)} is not a boolean: use true/false (or 1/0)")
     try:
         if hint is int:
-            value = float(text) if re.fullmatch(r"[\d_.]+[eE]\+?\d+", text) else int(text)  # 5e5 is fine
-            if value != int(value):
-                raise ValueError
-            return int(value)
+            if re.fullmatch(r"[+-]?[\d_.]+[eE][+-]?\d+", text):       # 5e5 is fine; 1e999 is inf
+                value = float(text)
+                if not math.isfinite(value) or value != int(value):
+                    raise ValueError
+                return int(value)
+            return int(text)                     # (a 5000-digit int raises ValueError too)
         if hint is float:
-            return float(text)
+            return float(text)                   # nan/inf parse; __post_init__ says they are not allowed
     except ValueError:
         kind = "an integer" if hint is int else "a number"
         none = " or None" if type(None) in args else ""
-        raise ValueError(f"--{name}={text!r} is not {kind}{none}") from None
+        what = f"; allowed: {allowed(cls, name)}" if cls is not None else ""
+        raise ValueError(f"--{name}={show(text)} is not {kind}{none}{what}") from None
     return text
 
 
@@ -234,7 +239,7 @@ def parse_overrides(argv, *configs):
             if hint is not bool:
                 raise ValueError(f"--{name} needs a value: --{name}=VALUE")
             text = "true"                                      # a bare --compile means --compile=true
-        setattr(c, name, _convert(name, text, hint))
+        setattr(c, name, _convert(name, text, hint, type(c)))
     for c in configs:
         replace(c)                     # builds a copy, which runs __post_init__: invalid values raise
     return configs
@@ -461,7 +466,7 @@ def estimate_loss(model: GPT, sampler: BatchSampler, eval_iters: int, rt: Runtim
         base = 2 + j * (E + 1)
         load = acc[base:base + E] / n                                    # (E,) share of token-slots
         routing.append({"layer": layer, "load": load.tolist(),
-                        "ent_load": -(load * load.clamp_min(1e-12).log()).sum().item(),
+                        "ent_load": load_entropy(load),                  # nats, max log E
                         "ent_conf": (acc[base + E] / n).item(),
                         "load_cv": (load.std(unbiased=False) / load.mean()).item(), "max_ent": math.log(E)})
     mean = lambda key: sum(r[key] for r in routing) / len(routing) if routing else None   # noqa: E731
@@ -1045,7 +1050,8 @@ def log(run: Run, row: dict) -> None:
     if run.wandb_run is not None:
         run.wandb_run.log({k: v for k, v in row.items() if k != "routing"}, step=row["iter"])
     bits = f", {row['val_bpb']:.3f} bpb" if row["val_bpb"] is not None else ""
-    ent = f", Ent_load {row['ent_load']:.3f}, Ent_conf {row['ent_conf']:.3f}" if row["routing"] else ""
+    ent = (f", Ent_load {row['ent_load']:.3f} of {row['routing'][0]['max_ent']:.3f} nats, "
+           f"Ent_conf {row['ent_conf']:.3f} nats") if row["routing"] else ""
     tl = f"train {row['train_loss']:.4f}, " if row["train_loss"] is not None else ""
     tqdm.write(f"{run.model_config.ffn} iter {row['iter']}: {tl}val {row['val_loss']:.4f} nats{bits}{ent}")
 
@@ -1091,6 +1097,8 @@ def train(model_config: GPTConfig, cfg: TrainConfig, *, corpus: Corpus | None = 
     t_start = time.perf_counter()
     rt = setup(cfg)
     corpus = corpus if corpus is not None else load_corpus(cfg.data)
+    if cfg.sample_tokens and rt.master:
+        corpus.check_decoder()             # a missing tiktoken fails before step 0, not at sample.txt
     if model_config.vocab_size < corpus.vocab_size:
         raise ValueError(f"GPTConfig.vocab_size={model_config.vocab_size} is invalid: corpus {corpus.name!r} "
                          f"has {corpus.vocab_size} token ids; use --vocab_size={corpus.vocab_size} or more")

@@ -54,7 +54,7 @@ def test_default_run_writes_everything_and_prints_the_table(tmp_path, data, caps
     results = (out / "results.md").read_text()
     table = [line for line in results.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| model | params total | params active | val loss (nats) | val bpb | tokens/s")
-    assert "Ent_load (max 2.079)" in table[0]                    # log 8 experts
+    assert "Ent_load (nats, max 2.079)" in table[0]              # log 8 experts
     assert [line.split(" | ")[0] for line in table[1:]] == ["| dense", "| moe", "| aoe"]
     assert table[1].endswith("| - | - |") and not table[3].endswith("| - | - |")
     for line in table:
