@@ -19,7 +19,7 @@ from .train import load_model, parse_overrides, resolve_device
 from .validate import check_fields, ranges
 
 
-@ranges(num_samples="[1, 1024]", max_new_tokens="[0, 100000]", temperature="[0, 100]", top_k="[1, 2e6]",
+@ranges(num_samples="[1, 1024]", max_new_tokens="[0, 100000]", temperature="[0, 100]", sample_top_k="[1, 2e6]",
         seed="[0, 1e18]")           # minimoe/validate.py: every number finite and inside its interval
 @dataclass
 class SampleConfig:

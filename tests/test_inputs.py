@@ -143,7 +143,7 @@ def test_relations_from_python_and_what_stays_allowed():
     # the edges themselves are fine, and so are the None of Optional fields and an empty prompt
     TrainConfig(learning_rate=1.0, min_lr=1.0, warmup_iters=0, lr_decay_iters=1, weight_decay=0.0,
                 total_batch_tokens=None, peak_flops=None, sample_start="", seed=0)
-    SampleConfig(temperature=0.0, top_k=None)
+    SampleConfig(temperature=0.0, sample_top_k=None)
     GPTConfig(d_ffn=None, d_low=None, d_wide=None, w_up_init_std=None, dropout=0.0)
     TrainConfig(learning_rate=1, min_lr=0)                   # ints where floats belong are fine
     TrainConfig(out_dir=Path("runs") / "a", data=Path("corpus.txt"))   # and paths where paths are meant
