@@ -22,8 +22,10 @@ from .aoe import AoE, d_wide_for_matched_params
 from .dense import DenseFFN
 from .dispatch import DISPATCH_IMPLS, routing_stats
 from .moe import MoE
+from .router import ROUTER_KINDS
 
 FFN_KINDS = {"dense": DenseFFN, "moe": MoE, "aoe": AoE}
+EXPERT_GATES = ("full", "lowrank")
 
 
 @dataclass
@@ -50,6 +52,13 @@ class GPTConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02         # normal(0, 0.02) as in the paper
     w_up_init_std: float | None = None  # AoE W_up init; None: 1/sqrt(d_low), see aoe.py (0.02 = the paper's)
+    # --- who picks the experts: AoE's successors and the paper's controls (variants.py names them) ---
+    fp32_scores: bool = True       # router logits / x W_down in fp32 under autocast (torchtitan); false: compute dtype
+    bias_update_rate: float = 0.0  # gamma of DeepSeek-V3's aux-loss-free balancing bias (balance.py); 0 off
+    erc_loss_coef: float = 0.0     # weight of the expert-router coupling loss (erc.py, MoE only); 0 off
+    erc_alpha: float = 1.0         # ERC margin alpha: off-diagonal M[i,j] must stay below alpha*M[i,i]
+    expert_gate: str = "full"      # MoE W_g: "full" or "lowrank" = W_down W_up with AoE's widths (Table 2 control)
+    router: str = "linear"         # MoE router: "linear" or "mlp" = as many parameters as AoE's W_down (Table 2)
 
     def __post_init__(self):
         def bad(name, allowed):
@@ -83,6 +92,24 @@ class GPTConfig:
             bad("w_up_init_std", "must be > 0, or None for 1/sqrt(d_low)")
         if self.dispatch not in DISPATCH_IMPLS:
             bad("dispatch", f"allowed values are {DISPATCH_IMPLS}")
+        # the router-side options need a router (MoE); the balancing bias needs experts (MoE or AoE)
+        if self.router not in ROUTER_KINDS:
+            bad("router", f"allowed values are {ROUTER_KINDS}")
+        if self.expert_gate not in EXPERT_GATES:
+            bad("expert_gate", f"allowed values are {EXPERT_GATES}")
+        for name, off in (("router", "linear"), ("expert_gate", "full"), ("erc_loss_coef", 0.0)):
+            if getattr(self, name) != off and self.ffn != "moe":
+                bad(name, f"needs ffn='moe' (a router MoE), not ffn={self.ffn!r}; leave it at {off!r}")
+        if not 0.0 <= self.bias_update_rate < math.inf:
+            bad("bias_update_rate", "must be >= 0 (0 turns the balancing bias off)")
+        if self.bias_update_rate > 0 and self.ffn == "dense":
+            bad("bias_update_rate", "needs experts: ffn='moe' or 'aoe', not 'dense'; leave it at 0")
+        if not 0.0 <= self.erc_loss_coef < math.inf:
+            bad("erc_loss_coef", "must be >= 0 (0 turns the ERC loss off)")
+        if not 0.0 <= self.erc_alpha < math.inf:
+            bad("erc_alpha", "must be >= 0 (the paper uses 0.5 to 1)")
+        if self.erc_loss_coef > 0 and self.router != "linear":
+            bad("erc_loss_coef", "needs router='linear': ERC uses the router's rows as proxy tokens")
 
     # The three "None = automatic" widths, resolved. Properties (not stored values) so that a
     # config copied with dataclasses.replace(n_embd=...) never carries a stale width.
@@ -229,6 +256,12 @@ class GPT(nn.Module):
         for b in self.blocks:
             n += b.ffn.active_params() - sum(p.numel() for p in b.ffn.parameters())
         return n
+
+    def flops_per_step_extra(self, accum_steps: int = 1) -> int:
+        """Training FLOPs per optimizer step that do not scale with the tokens (ERC's n^2 proxies,
+        erc.py), for accum_steps forward+backward passes. Not included in flops_per_token."""
+        return accum_steps * sum(b.ffn.flops_per_forward_extra() for b in self.blocks
+                                 if hasattr(b.ffn, "flops_per_forward_extra"))
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward), PaLM-style: 6 * matmul parameters that
