@@ -8,6 +8,8 @@ scaled_dot_product_attention. The FFN is chosen by `GPTConfig.ffn`:
     "dense"  dense.py  SwiGLU
     "moe"    moe.py    router picks K of E SwiGLU experts   (AoE paper, Alg. 1)
     "aoe"    aoe.py    experts pick themselves by ||x W_down^i||  (AoE paper, Eq. 3, Alg. 2)
+and further options change who picks the experts (variants.py names the combinations): a balancing
+bias (balance.py), the ERC loss (erc.py), the AoE paper's Table 2 controls (moe.py, router.py).
 Style and API follow nanoGPT's model.py: forward(idx, targets) -> (logits, loss), generate().
 """
 
