@@ -28,19 +28,20 @@ def mlp_router_width(n_embd: int, n_experts: int, d_low: int, multiple_of: int =
     return max(multiple_of, int(round(exact / multiple_of)) * multiple_of)
 
 
-class Router(nn.Module):
+class Router(nn.Linear):
+    """An nn.Linear (its weight, E x D, holds the router rows R[i]; the key `router.weight` of older
+    checkpoints, and nn.Linear's own init draws, so a seed gives the same model as before), plus W_r1."""
 
     def __init__(self, config):
-        super().__init__()
         D, E = config.n_embd, config.n_experts
+        R = mlp_router_width(D, E, config.low_dim) if config.router == "mlp" else None
+        super().__init__(R or D, E, bias=False)              # weight: W_r (E, D), or W_r2 (E, R)
         self.fp32 = config.fp32_scores
-        if config.router == "mlp":
-            R = mlp_router_width(D, E, config.low_dim)
+        if R:
             self.w_in = nn.Parameter(torch.empty(R, D))     # W_r1 (stored transposed, like nn.Linear)
             nn.init.normal_(self.w_in, std=config.init_std)
         else:
             self.register_parameter("w_in", None)
-        self.weight = nn.Parameter(torch.empty(E, self.w_in.shape[0] if self.w_in is not None else D))  # W_r rows
         nn.init.normal_(self.weight, std=config.init_std)
 
     def forward(self, x):                                        # x (N, D) -> logits (N, E)
