@@ -5,7 +5,8 @@
     python train_small.py --seeds=3                # the comparison over 3 seeds: mean +- std
     python train_small.py --init_from=resume       # continue after Ctrl-C (it saves a checkpoint)
     python train_small.py --overwrite=true         # start over in an out_dir that holds checkpoints
-    python train_small.py --help                   # every option with its default
+    python train_small.py --model=moe+bias         # one named variant of minimoe/variants.py (see --help)
+    python train_small.py --help                   # the variants, and every option with its default
     python -m minimoe.sample --out_dir=out-small/aoe --start="def "
 
 The data is the Python standard library's own source code, read as bytes (vocabulary 256), so
@@ -38,22 +39,23 @@ from minimoe.plots import plot_expert_load, plot_losses, plot_routing_entropy, r
 from minimoe.train import (TrainConfig, TrainingDiverged, parse_overrides, refuse_overwrite, resolve_device,
                            train)
 from minimoe.validate import check_fields, ranges
-from minimoe.variants import variant_config
+from minimoe.variants import VARIANTS, variant_config, variants_help
 
-KINDS = ("dense", "moe", "aoe")
+KINDS = ("dense", "moe", "aoe")      # what --model=all trains; any name of minimoe/variants.py works alone
 
 
 @ranges(prefix="--", seeds="[1, 100]")          # minimoe/validate.py; errors say --seeds=0, as typed
 @dataclass
 class SmallConfig:
-    model: str = "all"       # "dense" | "moe" | "aoe" | "all" (the three, one after another)
+    model: str = "all"       # a variant name (listed below) or "all" (dense, moe, aoe, one after another)
     seeds: int = 1           # repeat over seeds seed, seed+1, ...; the table then shows mean +- std
 
     def __post_init__(self):
         check_fields(self)
-        if self.model not in (*KINDS, "all"):
-            raise ValueError(f"--model={self.model!r} is invalid: allowed values are "
-                             f"{', '.join(KINDS)}, all")
+        if self.model not in (*VARIANTS, "all"):
+            others = ", ".join(v for v in VARIANTS if v not in KINDS)
+            raise ValueError(f"--model={self.model!r} is invalid: allowed values are {', '.join(KINDS)}, all, "
+                             f"and the variants {others} (python train_small.py --help)")
 
 
 def small_model_config() -> GPTConfig:
@@ -123,6 +125,9 @@ def machine() -> str:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
+    if "--help" in argv or "-h" in argv:            # the variants first; parse_overrides prints the fields
+        print(f"--model=NAME trains one variant of minimoe/variants.py, or all = {', '.join(KINDS)}:\n"
+              f"{variants_help()}\n")
     base, cfg, small = parse_overrides(argv, small_model_config(), small_train_config(), SmallConfig())
     given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv}
     corpus = load_corpus(cfg.data)
@@ -160,7 +165,9 @@ def main(argv=None) -> int:
         widths = {"dense": f"one SwiGLU FFN, d_ffn {mc.ffn_dim} = top_k x the experts' d_ffn",
                   "moe": f"{mc.n_experts} experts x d_ffn {mc.ffn_dim}, router, top-{mc.top_k}",
                   "aoe": f"{mc.n_experts} experts, d_low {mc.low_dim}, d_wide {mc.wide_dim} (Eq. 5), "
-                         f"top-{mc.top_k}"}[kind]
+                         f"top-{mc.top_k}"}[mc.ffn]
+        if kind not in KINDS:
+            widths = VARIANTS[kind].about
         sizes.append(f"{kind:5s} {m.num_params() / 1e6:5.2f}M total, {m.num_active_params() / 1e6:5.2f}M active "
                      f"per token  ({widths})")
         print("  " + sizes[-1])

@@ -19,6 +19,11 @@ x W_down W_up has std 0.02*sqrt(D) * 0.02*sqrt(L), sqrt(L)/50 times that of an M
 smaller at D=128, L=40 (3x at the paper's D=768, L=256), and small models then learn far slower
 (train_small: val 2.25 vs 1.82 nats after 250 steps). Drawing W_up with std 1/sqrt(L) gives
 x W_down W_up exactly the variance of the MoE's x W_g. `w_up_init_std=0.02` restores the paper's.
+
+Scores in fp32 (issue 12, as torchtitan's router): under bf16 autocast x W_down is computed in fp32,
+its norms rank the experts, and the cached a_i is cast to the compute dtype before it feeds W_up.
+bias_update_rate > 0 adds DeepSeek-V3's aux-loss-free balancing bias to the norms for the choice
+only (balance.py). ERC and the Table 2 controls need a router: they are MoE options (moe.py).
 """
 
 import math
@@ -26,8 +31,9 @@ import math
 import torch
 import torch.nn as nn
 
-from .dispatch import (Routing, combine, grouped_mm, load_balance_loss, plan_dispatch,
-                       resolve_impl, route, swiglu_experts, z_loss)
+from .balance import init_expert_bias, record_load
+from .dispatch import (Routing, combine, compute_dtype, grouped_mm, load_balance_loss, plan_dispatch,
+                       resolve_impl, route, scoring_matmul, swiglu_experts, z_loss)
 
 
 def d_wide_for_matched_params(n_embd: int, d_ffn: int, d_low: int, multiple_of: int = 8) -> int:
@@ -49,6 +55,7 @@ class AoE(nn.Module):
         self.renormalize = config.norm_topk
         self.aux_loss_coef, self.z_loss_coef = config.aux_loss_coef, config.z_loss_coef
         self.dispatch = config.dispatch
+        self.fp32_scores = config.fp32_scores
         self.w_down = nn.Parameter(torch.empty(D, E * L))   # expert i owns columns i*L:(i+1)*L
         self.w_up = nn.Parameter(torch.empty(E, L, W))      # W_up^i    (W_g^i = W_down^i W_up^i)
         self.w_p = nn.Parameter(torch.empty(E, D, W))       # W_p^i
@@ -58,6 +65,7 @@ class AoE(nn.Module):
             nn.init.normal_(w, std=std)
         nn.init.normal_(self.w_up, std=config.w_up_init_std or 1 / math.sqrt(L))   # see the docstring
         nn.init.normal_(self.w_o, std=out_std)
+        init_expert_bias(self, E, config.bias_update_rate)  # buffer expert_bias (E,) or None
         self.last_routing: Routing | None = None            # routing of the last forward, detached
 
     def forward(self, x):
@@ -66,8 +74,10 @@ class AoE(nn.Module):
         impl = resolve_impl(self.dispatch, x)
 
         # --- scoring: every expert computes its low-rank activation, ranked by its L2 norm ---
-        a = (x @ self.w_down).view(-1, self.n_experts, self.d_low)   # (N, E, L) the cache C of Alg. 2
-        r = route(a.float().norm(dim=-1), self.top_k, self.renormalize)  # scores (N, E) -> (N, K)
+        a = scoring_matmul(x, self.w_down, self.fp32_scores).view(-1, self.n_experts, self.d_low)  # (N, E, L) cache C
+        r = route(a.norm(dim=-1), self.top_k, self.renormalize, self.expert_bias)  # (N, E) -> (N, K)
+        record_load(self, r.experts)
+        a = a.to(compute_dtype(x))                           # W_up runs in the compute dtype
 
         # --- the chosen experts finish Eq. 1, starting from their cached a_i ---
         plan = plan_dispatch(r.experts, self.n_experts)

@@ -3,13 +3,21 @@
     python -m minimoe.bench                       # CPU defaults, a few (n_experts, top_k, d_low)
     python -m minimoe.bench --device=cuda --dtype=bf16 --tokens=16384 --n_embd=768 --d_ffn=3072
     python -m minimoe.bench gpu                   # whole models instead: see bench_model.py
+    python -m minimoe.bench --dtype=amp           # fp32 weights under bf16 autocast, as training runs
 
 For each (E, K, d_low) it times, on the same N tokens:
     moe       router MoE (Alg. 1)                              the reference row (ratio 1.00)
     aoe=P     AoE with the MoE's total parameters (Eq. 5)      what the paper compares
     aoe=F     AoE with the MoE's active FLOPs per token        d_wide shrunk to pay for W_down
     dense     SwiGLU with the MoE's active FLOPs (d_ffn = K * expert width)
-each with "grouped" (torch._grouped_mm) and "loop" (one matmul per expert) dispatch.
+each with "grouped" (torch._grouped_mm) and "loop" (one matmul per expert) dispatch, and then, with the
+first dispatch only, the variants of minimoe/variants.py that change the layer's cost:
+    moe+bias, aoe+bias    DeepSeek-V3's balancing bias on the choice (a few element-wise ops)
+    moe+erc               the ERC loss: a FIXED cost per forward (n^2 proxies), column "extra FLOPs"
+    moe-lowrank           Table 2 control: the MoE with AoE's factorized W_g
+    moe-bigrouter         Table 2 control: a router as large as AoE's W_down
+and, with --dtype=amp, "moe bf16-scores" / "aoe=P bf16-scores": the scores computed in bf16
+(fp32_scores=false), to show what computing them in fp32 (the default, torchtitan's choice) costs.
 FLOPs/token = 6 * parameters one token touches (forward 2, backward 4). AoE's extra work over MoE
 is the W_down of the E-K unselected experts, 2*(E-K)*D*L forward FLOPs per token (PAPER_NOTES).
 """
@@ -22,13 +30,17 @@ import time
 
 import torch
 
+from contextlib import nullcontext
+
 from .aoe import AoE
 from .dense import DenseFFN
 from .dispatch import grouped_mm_available
-from .model import GPTConfig
+from .model import FFN_KINDS, GPTConfig
 from .moe import MoE
+from .variants import variant_config
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "amp": torch.float32}   # amp: + bf16 autocast
+COST_VARIANTS = ("moe+bias", "aoe+bias", "moe+erc", "moe-lowrank", "moe-bigrouter")
 
 
 def d_wide_for_matched_flops(D: int, F: int, E: int, K: int, L: int) -> int:
@@ -37,10 +49,11 @@ def d_wide_for_matched_flops(D: int, F: int, E: int, K: int, L: int) -> int:
     return max(8, int(round(W / 8)) * 8)
 
 
-def time_layer(layer, x, repeats: int, warmup: int = 2) -> float:
+def time_layer(layer, x, repeats: int, warmup: int = 2, amp: bool = False) -> float:
     """Median seconds of one forward + backward (gradients w.r.t. input and weights)."""
     def step():
-        y, aux = layer(x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else nullcontext():
+            y, aux = layer(x)
         (y.float().square().mean() + aux).backward()
         layer.zero_grad(set_to_none=True)
         x.grad = None
@@ -58,26 +71,33 @@ def time_layer(layer, x, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def bench_rows(D, F, E, K, L, tokens, device, dtype, repeats, dispatches):
+def bench_rows(D, F, E, K, L, tokens, device, dtype, repeats, dispatches, amp=False):
     base = GPTConfig(n_layer=1, n_head=1, n_embd=D, n_experts=E, top_k=K, d_ffn=F, d_low=L,
                      aux_loss_coef=0.01)
     variants = [
-        ("moe", MoE, replace(base, ffn="moe")),
-        ("aoe=P", AoE, replace(base, ffn="aoe")),
-        ("aoe=F", AoE, replace(base, ffn="aoe", d_wide=d_wide_for_matched_flops(D, F, E, K, L))),
-        ("dense", DenseFFN, replace(base, ffn="dense", d_ffn=K * F)),
+        ("moe", MoE, replace(base, ffn="moe"), dispatches),
+        ("aoe=P", AoE, replace(base, ffn="aoe"), dispatches),
+        ("aoe=F", AoE, replace(base, ffn="aoe", d_wide=d_wide_for_matched_flops(D, F, E, K, L)), dispatches),
+        ("dense", DenseFFN, replace(base, ffn="dense", d_ffn=K * F), ["-"]),
     ]
+    for name in COST_VARIANTS:
+        cfg = variant_config(name, base)
+        variants.append((name, FFN_KINDS[cfg.ffn], cfg, dispatches[:1]))
+    if amp:   # what scoring in fp32 costs: the same layers scoring in the compute dtype (bf16)
+        variants += [(f"{n} bf16-scores", c, replace(cfg, fp32_scores=False), dispatches[:1])
+                     for n, c, cfg, _ in variants[:2]]
     x = torch.randn(1, tokens, D, device=device, dtype=dtype, requires_grad=True)
     rows = []
-    for name, cls, cfg in variants:
-        for dispatch in (dispatches if cls is not DenseFFN else ["-"]):
+    for name, cls, cfg, impls in variants:
+        for dispatch in impls:
             torch.manual_seed(0)
             layer = cls(replace(cfg, dispatch=dispatch if dispatch != "-" else "loop")).to(device, dtype)
-            sec = time_layer(layer, x, repeats)
+            sec = time_layer(layer, x, repeats, amp=amp)
             total = sum(p.numel() for p in layer.parameters())
             active = layer.active_params()
-            rows.append(dict(E=E, K=K, L=L, kind=name, dispatch=dispatch, width=cfg.wide_dim if cls is AoE else cfg.ffn_dim,
-                             params=total, active=active, flops_tok=6 * active, ms=sec * 1e3,
+            extra = layer.flops_per_forward_extra() if hasattr(layer, "flops_per_forward_extra") else 0
+            rows.append(dict(E=E, K=K, L=L, kind=name, dispatch=dispatch, width=cfg.wide_dim if cls is AoE or cfg.expert_gate == "lowrank" else cfg.ffn_dim,
+                             params=total, active=active, flops_tok=6 * active, extra=extra, ms=sec * 1e3,
                              tok_s=tokens / sec))
     ref = next(r for r in rows if r["kind"] == "moe" and r["dispatch"] == dispatches[0])
     for r in rows:
@@ -86,11 +106,13 @@ def bench_rows(D, F, E, K, L, tokens, device, dtype, repeats, dispatches):
 
 
 def format_table(rows) -> str:
-    head = "| E | K | d_low | layer | dispatch | hidden | params | active | FLOPs/tok | ms fwd+bwd | tok/s | speed vs moe |"
-    lines = [head, "|" + "---|" * 12]
+    head = ("| E | K | d_low | layer | dispatch | hidden | params | active | FLOPs/tok | extra FLOPs/step "
+            "| ms fwd+bwd | tok/s | speed vs moe |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
+        extra = f"{r['extra'] / 1e6:.1f}M" if r["extra"] else "-"
         lines.append(f"| {r['E']} | {r['K']} | {r['L']} | {r['kind']} | {r['dispatch']} | {r['width']} | "
-                     f"{r['params'] / 1e6:.2f}M | {r['active'] / 1e6:.2f}M | {r['flops_tok'] / 1e6:.1f}M | "
+                     f"{r['params'] / 1e6:.2f}M | {r['active'] / 1e6:.2f}M | {r['flops_tok'] / 1e6:.1f}M | {extra} | "
                      f"{r['ms']:.1f} | {r['tok_s']:,.0f} | {r['vs_moe']:.2f} |")
     return "\n".join(lines)
 
@@ -113,13 +135,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
+    dtype, amp = DTYPES[args.dtype], args.dtype == "amp"
     try:
         configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]
         assert all(len(c) == 3 for c in configs)
     except (ValueError, AssertionError):
         p.error(f"--configs={args.configs!r}: expected 'E,K,d_low' triples separated by ';', e.g. '8,2,64;16,4,64'")
-    grouped = grouped_mm_available(torch.device(args.device).type, dtype)
+    grouped = grouped_mm_available(torch.device(args.device).type, torch.bfloat16 if amp else dtype)
     dispatches = ["grouped", "loop"] if grouped else ["loop"]
     print(f"# minimoe.bench  device={args.device} dtype={args.dtype} tokens={args.tokens} n_embd={args.n_embd} "
           f"d_ffn={args.d_ffn} threads={torch.get_num_threads()} torch={torch.__version__}"
@@ -127,7 +149,8 @@ def main(argv=None):
     all_rows = []
     for E, K, L in configs:
         try:
-            rows = bench_rows(args.n_embd, args.d_ffn, E, K, L, args.tokens, args.device, dtype, args.repeats, dispatches)
+            rows = bench_rows(args.n_embd, args.d_ffn, E, K, L, args.tokens, args.device, dtype, args.repeats, dispatches,
+                              amp)
         except ValueError as e:
             p.error(f"config E={E},K={K},d_low={L}: {e}")
         all_rows += rows

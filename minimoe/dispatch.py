@@ -11,12 +11,18 @@ norms for AoE. Everything after the scores is the same and lives here:
 Shape letters used in comments: N tokens (B*T), E experts, K experts per token (top_k),
 S = N*K token-slots, D model width (n_embd), H an expert's hidden width, L AoE rank (d_low).
 
+Scores are computed in fp32 (`scoring_matmul`), as torchtitan's router does: under bf16 autocast a
+bf16 matmul would round the scores before top-k, and near-ties would be broken on rounded numbers.
+An optional per-expert bias (balance.py, DeepSeek-V3's auxiliary-loss-free balancing) shifts the
+top-k choice only; the gates always come from the unbiased scores.
+
 Dispatch is dropless (no capacity factor): every token gets all K of its experts, as in
 torchtitan/megablocks. The fast path sorts the slots by expert and runs `torch._grouped_mm`
 (one kernel for all experts); the reference path is a plain Python loop over experts.
 Tests hold the two equal, and both equal a per-token loop written in the tests.
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 import math
@@ -41,13 +47,20 @@ class Routing:
         return Routing(*(t.detach() for t in (self.scores, self.probs, self.gates, self.experts)))
 
 
-def route(scores: torch.Tensor, top_k: int, renormalize: bool = True) -> Routing:
+def route(scores: torch.Tensor, top_k: int, renormalize: bool = True,
+          bias: torch.Tensor | None = None) -> Routing:
     """Softmax over all experts (fp32), keep the top-k, optionally renormalize them to sum to 1.
 
     Renormalized, this equals Softmax(scores[topK]) of the paper's Alg. 1 (MoE) and Alg. 2 (AoE).
+    bias (E,): DeepSeek-V3's balancing bias (balance.py). It decides WHO computes, topK(scores + bias),
+    but not how much each output weighs: the gates are still the unbiased softmax at those experts.
     """
     probs = F.softmax(scores.float(), dim=-1)           # (N, E) fp32: exp() of bf16 logits is lossy
-    gates, experts = probs.topk(top_k, dim=-1)          # (N, K), (N, K)
+    if bias is None:
+        gates, experts = probs.topk(top_k, dim=-1)      # (N, K), (N, K)
+    else:
+        experts = (scores.float() + bias).topk(top_k, dim=-1).indices   # (N, K) choice: biased
+        gates = probs.gather(-1, experts)                               # (N, K) weight: unbiased
     if renormalize:
         gates = gates / gates.sum(dim=-1, keepdim=True)
     return Routing(scores, probs, gates, experts)
@@ -108,6 +121,18 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls on x run in: the autocast dtype when autocast is on, else x's own."""
     t = x.device.type
     return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else x.dtype
+
+
+def scoring_matmul(x: torch.Tensor, w: torch.Tensor, fp32: bool = True) -> torch.Tensor:
+    """x @ w for expert scores.   x (N, I), w (I, O) -> (N, O).
+
+    fp32=True: autocast off and both operands in fp32, as torchtitan's router computes its logits, so
+    which experts win is decided on unrounded scores. fp32=False: the compute dtype, i.e. what autocast
+    would do anyway (kept to measure what fp32 scoring costs, see bench.py)."""
+    dt = torch.float32 if fp32 else compute_dtype(x)
+    off = torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext()
+    with off:
+        return x.to(dt) @ w.to(dt)
 
 
 def resolve_impl(impl: str, x: torch.Tensor) -> str:

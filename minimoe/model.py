@@ -8,6 +8,8 @@ scaled_dot_product_attention. The FFN is chosen by `GPTConfig.ffn`:
     "dense"  dense.py  SwiGLU
     "moe"    moe.py    router picks K of E SwiGLU experts   (AoE paper, Alg. 1)
     "aoe"    aoe.py    experts pick themselves by ||x W_down^i||  (AoE paper, Eq. 3, Alg. 2)
+and further options change who picks the experts (variants.py names the combinations): a balancing
+bias (balance.py), the ERC loss (erc.py), the AoE paper's Table 2 controls (moe.py, router.py).
 Style and API follow nanoGPT's model.py: forward(idx, targets) -> (logits, loss), generate().
 generate() keeps a KVCache: the prompt is run once, then each step runs only the new token
 (use_cache=False is the reference path that re-runs the whole context every step).
@@ -24,9 +26,11 @@ from .aoe import AoE, d_wide_for_matched_params
 from .dense import DenseFFN
 from .dispatch import DISPATCH_IMPLS, routing_stats
 from .moe import MoE
+from .router import ROUTER_KINDS
 from .validate import check_fields, ranges
 
 FFN_KINDS = {"dense": DenseFFN, "moe": MoE, "aoe": AoE}
+EXPERT_GATES = ("full", "lowrank")
 MAX_PARAMS = 1e12                # GPTConfig refuses sizes whose parameter bound is above this
 
 
@@ -36,7 +40,7 @@ MAX_PARAMS = 1e12                # GPTConfig refuses sizes whose parameter bound
         n_embd="[2, 65536]", n_experts="[1, 4096]", top_k="[1, 4096]", d_ffn="[1, 1048576]",
         d_low="[1, 65536]", d_wide="[1, 1048576]", moe_every="[1, 1024]", aux_loss_coef="[0, 1e3]",
         z_loss_coef="[0, 1e3]", dropout="[0, 1)", rope_theta="(1, 1e12]", init_std="(0, 1]",
-        w_up_init_std="(0, 1]")
+        w_up_init_std="(0, 1]", bias_update_rate="[0, 1]", erc_loss_coef="[0, 1e3]", erc_alpha="[0, 1e3]")
 @dataclass
 class GPTConfig:
     """Defaults: the paper's small model (12 x 768, 8 experts, top-2, d_ffn 3072, d_low 256)."""
@@ -61,6 +65,13 @@ class GPTConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02         # normal(0, 0.02) as in the paper
     w_up_init_std: float | None = None  # AoE W_up init; None: 1/sqrt(d_low), see aoe.py (0.02 = the paper's)
+    # --- who picks the experts: AoE's successors and the paper's controls (variants.py names them) ---
+    fp32_scores: bool = True       # router logits / x W_down in fp32 under autocast (torchtitan); false: compute dtype
+    bias_update_rate: float = 0.0  # gamma of DeepSeek-V3's aux-loss-free balancing bias (balance.py); 0 off
+    erc_loss_coef: float = 0.0     # weight of the expert-router coupling loss (erc.py, MoE only); 0 off
+    erc_alpha: float = 1.0         # ERC margin alpha: off-diagonal M[i,j] must stay below alpha*M[i,i]
+    expert_gate: str = "full"      # MoE W_g: "full" or "lowrank" = W_down W_up with AoE's widths (Table 2 control)
+    router: str = "linear"         # MoE router: "linear" or "mlp" = as many parameters as AoE's W_down (Table 2)
 
     def __post_init__(self):
         check_fields(self)                 # types, finiteness and RANGES, before the relations below
@@ -89,6 +100,18 @@ class GPTConfig:
             raise ValueError(f"GPTConfig is invalid: about {n:.1e} parameters (n_layer={self.n_layer}, "
                              f"n_embd={D}, n_experts={self.n_experts}, expert width {H}, vocab_size="
                              f"{self.vocab_size}), more than {MAX_PARAMS:.0e}; use smaller sizes")
+        # the router-side options need a router (MoE); the balancing bias needs experts (MoE or AoE)
+        if self.router not in ROUTER_KINDS:
+            bad("router", f"allowed values are {ROUTER_KINDS}")
+        if self.expert_gate not in EXPERT_GATES:
+            bad("expert_gate", f"allowed values are {EXPERT_GATES}")
+        for name, off in (("router", "linear"), ("expert_gate", "full"), ("erc_loss_coef", 0.0)):
+            if getattr(self, name) != off and self.ffn != "moe":
+                bad(name, f"needs ffn='moe' (a router MoE), not ffn={self.ffn!r}; leave it at {off!r}")
+        if self.bias_update_rate > 0 and self.ffn == "dense":
+            bad("bias_update_rate", "needs experts: ffn='moe' or 'aoe', not 'dense'; leave it at 0")
+        if self.erc_loss_coef > 0 and self.router != "linear":
+            bad("erc_loss_coef", "needs router='linear': ERC uses the router's rows as proxy tokens")
 
     # The three "None = automatic" widths, resolved. Properties (not stored values) so that a
     # config copied with dataclasses.replace(n_embd=...) never carries a stale width.
@@ -273,6 +296,12 @@ class GPT(nn.Module):
         for b in self.blocks:
             n += b.ffn.active_params() - sum(p.numel() for p in b.ffn.parameters())
         return n
+
+    def flops_per_step_extra(self, accum_steps: int = 1) -> int:
+        """Training FLOPs per optimizer step that do not scale with the tokens (ERC's n^2 proxies,
+        erc.py), for accum_steps forward+backward passes. Not included in flops_per_token."""
+        return accum_steps * sum(b.ffn.flops_per_forward_extra() for b in self.blocks
+                                 if hasattr(b.ffn, "flops_per_forward_extra"))
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward), PaLM-style: 6 * matmul parameters that

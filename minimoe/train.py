@@ -72,6 +72,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from .balance import update_biases
 from .data import BatchSampler, Corpus, load_corpus
 from .dispatch import load_entropy
 from .hardware import mfu, peak_flops
@@ -400,6 +401,14 @@ def check_memory(model_config: GPTConfig, cfg: TrainConfig, rt: Runtime, n_param
 
 
 # --------------------------------------------------------------------------- 4. optimizer and schedule
+
+def update_expert_bias(model: GPT, rt: Runtime) -> None:
+    """Aux-loss-free balancing (minimoe/balance.py, DeepSeek-V3 §2.1.2): call once after every optimizer
+    step. Each expert layer with a bias counted its token-slots over this step's micro-steps; the counts of
+    all layers are summed over the ranks in one all-reduce, each bias moves by rate * sign(mean - count),
+    and the counts restart. A no-op for models without a bias (bias_update_rate=0)."""
+    update_biases([ffn for _, ffn in model.expert_layers()], dist.all_reduce if rt.ddp else None)
+
 
 def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (embeddings, attention, experts, router, W_down) and
@@ -996,7 +1005,7 @@ def train_step(run: Run, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg.grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    # --- after the optimizer step: aux-loss-free bias balancing, update_expert_bias(model, rt), goes here
+    update_expert_bias(model, run.rt)    # aux-loss-free balancing: after the step, from this step's counts
     optimizer.zero_grad(set_to_none=True)
     return ce, aux
 

@@ -8,14 +8,21 @@ A variant changes only the feed-forward layer and how its experts are chosen; ev
 with one seed see the same batches and differ only in that choice. train_small.py (--model=NAME),
 train_gpt.py and the study (python -m minimoe.study) all read this one table.
 
-Matching: MoE-family variants keep the MoE's total parameters (AoE via Eq. 5); `dense` is one
-SwiGLU FFN as wide as top_k experts, i.e. the MoE's active parameters.
+Matching: MoE-family variants keep the MoE's total parameters (AoE and moe-lowrank via Eq. 5);
+`dense` is one SwiGLU FFN as wide as top_k experts, i.e. the MoE's active parameters. The one
+exception is moe-bigrouter: its router alone has AoE's W_down parameters (E*D*d_low), on top.
+
+Chosen where the papers leave it open: the balancing bias replaces Eq. 6 (aux 0, the point of
+"aux-loss-free") and moves by DeepSeek-V3's gamma = 0.001 per step; ERC uses coefficient 1 and
+alpha 1 (the ERC paper's best alpha at n = 64 experts, the nearest it reports to our 8).
 """
 
 from dataclasses import dataclass, replace
 from typing import Callable
 
 from .model import GPTConfig
+
+DEEPSEEK_V3_GAMMA = 0.001   # bias update speed of DeepSeek-V3 (arXiv 2412.19437, §4.2)
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,18 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             lambda b: {"ffn": "moe"}),
     Variant("aoe", "Autonomy-of-Experts: experts rank themselves by ||x W_down|| (Eq. 3, Alg. 2)",
             lambda b: {"ffn": "aoe"}),
+    # AoE's successors: keep the router, fix what AoE fixed by other means
+    Variant("moe+bias", "MoE, aux-loss-free balancing: a bias on the top-k choice (DeepSeek-V3 §2.1.2)",
+            lambda b: {"ffn": "moe", "aux_loss_coef": 0.0, "bias_update_rate": DEEPSEEK_V3_GAMMA}),
+    Variant("aoe+bias", "AoE with the same aux-loss-free bias on the norms, instead of Eq. 6",
+            lambda b: {"ffn": "aoe", "aux_loss_coef": 0.0, "bias_update_rate": DEEPSEEK_V3_GAMMA}),
+    Variant("moe+erc", "MoE + expert-router coupling loss, alpha=1 (arXiv 2512.23447)",
+            lambda b: {"ffn": "moe", "erc_loss_coef": 1.0, "erc_alpha": 1.0}),
+    # the AoE paper's own controls (Table 2): is it the factorization, or the scorer's size?
+    Variant("moe-lowrank", "MoE whose W_g = W_down W_up like AoE's (Eq. 5 widths), router kept (Table 2)",
+            lambda b: {"ffn": "moe", "expert_gate": "lowrank"}),
+    Variant("moe-bigrouter", "MoE whose router has as many parameters as AoE's W_down (Table 2)",
+            lambda b: {"ffn": "moe", "router": "mlp"}),
 )}
 
 

@@ -28,8 +28,10 @@ def make(kind, dispatch="loop", seed=0, **kw):
 
 def expert_out(layer, x, i):
     """E_i(x) of Eq. 1 for one token x (D,), written out by hand."""
-    if isinstance(layer, MoE):
+    if isinstance(layer, MoE) and layer.w_g is not None:
         g = x @ layer.w_g[i]
+    elif isinstance(layer, MoE):   # the Table 2 control: W_g^i = W_down^i W_up^i, router kept
+        g = (x @ layer.w_down[i]) @ layer.w_up[i]
     else:
         g = (x @ layer.w_down[:, i * layer.d_low:(i + 1) * layer.d_low]) @ layer.w_up[i]
     return (F.silu(g) * (x @ layer.w_p[i])) @ layer.w_o[i]
@@ -38,17 +40,24 @@ def expert_out(layer, x, i):
 def scores_of(layer, x):
     """The per-token score vector (E,): router logits (Alg. 1) or ||x W_down^i|| (Alg. 2)."""
     if isinstance(layer, MoE):
-        return layer.router.weight @ x
+        r = layer.router   # linear: W_r x; the Table 2 "large router": W_r2 SiLU(W_r1 x)
+        return r.weight @ (x if r.w_in is None else F.silu(r.w_in @ x))
     L = layer.d_low
     return torch.stack([(x @ layer.w_down[:, i * L:(i + 1) * L]).norm() for i in range(layer.n_experts)])
 
 
 def per_token_reference(layer, x):
-    """One token at a time: score, softmax over all experts, top-k, (renormalize), weighted sum."""
+    """One token at a time: score, softmax over all experts, top-k, (renormalize), weighted sum.
+    With a balancing bias b (DeepSeek-V3): the top-k of s + b, weighted by the softmax of s alone."""
     outs = []
     for n in range(x.shape[0]):
-        p = torch.softmax(scores_of(layer, x[n]), dim=-1)
-        g, idx = p.topk(layer.top_k)
+        s = scores_of(layer, x[n])
+        p = torch.softmax(s, dim=-1)
+        if layer.expert_bias is None:
+            g, idx = p.topk(layer.top_k)
+        else:
+            idx = (s + layer.expert_bias).topk(layer.top_k).indices
+            g = p[idx]
         if layer.renormalize:
             g = g / g.sum()
         outs.append(sum(g[k] * expert_out(layer, x[n], idx[k]) for k in range(layer.top_k)))
@@ -60,17 +69,40 @@ def per_token_reference(layer, x):
 @pytest.mark.parametrize("norm_topk", [True, False])
 def test_fast_path_equals_per_token_loop(kind, dispatch, norm_topk):
     layer = make(kind, dispatch, norm_topk=norm_topk)
-    x = torch.randn(3, 7, D, requires_grad=True)
+    assert_equals_per_token_loop(layer, torch.randn(3, 7, D, requires_grad=True))
+
+
+def assert_equals_per_token_loop(layer, x):
+    """The layer's output, and its gradients for the input and every parameter, equal the loop's."""
     y, _ = layer(x)
     x_ref = x.detach().clone().requires_grad_(True)
     y_ref = per_token_reference(layer, x_ref.view(-1, D)).view_as(y)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
-    # gradients agree too, for the input and for every parameter
     w = torch.randn_like(y)
     grads = torch.autograd.grad((y * w).sum(), [x, *layer.parameters()])
     grads_ref = torch.autograd.grad((y_ref * w).sum(), [x_ref, *layer.parameters()])
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+VARIANT_LAYERS = {"moe-lowrank": ("moe", dict(expert_gate="lowrank")), "moe-bigrouter": ("moe", dict(router="mlp")),
+                  "moe+bias": ("moe", dict(bias_update_rate=0.1)), "aoe+bias": ("aoe", dict(bias_update_rate=0.1))}
+
+
+@pytest.mark.parametrize("name", VARIANT_LAYERS)
+@pytest.mark.parametrize("dispatch", ["loop", "grouped"])
+def test_variant_fast_path_equals_per_token_loop(name, dispatch):
+    kind, kw = VARIANT_LAYERS[name]
+    layer = make(kind, dispatch, **kw)
+    x = torch.randn(3, 7, D, requires_grad=True)
+    if layer.expert_bias is not None:   # a bias on the scale of the scores, so it changes choices
+        with torch.no_grad():
+            s = torch.stack([scores_of(layer, t) for t in x.view(-1, D)])         # (N, E)
+            layer.expert_bias.copy_(torch.randn(E) * s.std(dim=-1).mean())
+            plain = s.topk(K).indices.sort().values
+            biased = (s + layer.expert_bias).topk(K).indices.sort().values
+        assert (plain != biased).any()      # the bias does move some choices
+    assert_equals_per_token_loop(layer, x)
 
 
 @pytest.mark.parametrize("kind", ["moe", "aoe"])
