@@ -443,6 +443,45 @@ def top_tokens_per_expert(tokens, experts, n_experts: int, k: int = 6, min_count
     return out
 
 
+def _entropy_bits(counts) -> float:
+    p = np.asarray(counts, dtype=float).reshape(-1)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def _codes(*arrays) -> np.ndarray:
+    """One integer label per element for the tuple of labels (a_j, b_j, ...)."""
+    stacked = np.stack([np.asarray(a).reshape(-1).astype(np.int64) for a in arrays], axis=1)
+    return np.unique(stacked, axis=0, return_inverse=True)[1].reshape(-1)
+
+
+def entropy_bits(*labels) -> float:
+    """Plug-in (empirical) joint entropy H(A, B, ...) in bits of paired label arrays."""
+    return _entropy_bits(np.bincount(_codes(*labels)))
+
+
+def mutual_information(a, b, given=None) -> float:
+    """Plug-in mutual information I(A; B) in bits of two paired label arrays (e.g. each token's
+    byte and its expert), or with `given`, the conditional I(A; B | C) = H(A,C) + H(B,C) - H(A,B,C) - H(C).
+    The plug-in estimate is biased upwards when there are many cells per sample (it is > 0 for
+    independent labels); compare it with the same estimate on shuffled labels (see shuffled_within)."""
+    if given is None:
+        return max(0.0, entropy_bits(a) + entropy_bits(b) - entropy_bits(a, b))
+    return max(0.0, entropy_bits(a, given) + entropy_bits(b, given) - entropy_bits(a, b, given) - entropy_bits(given))
+
+
+def shuffled_within(labels, groups, seed: int = 0) -> np.ndarray:
+    """labels permuted at random within each group: keeps every group's label counts (so H(labels | groups)
+    and I(labels; groups) are unchanged) and destroys any other dependence. The null for a conditional MI."""
+    labels, groups = np.asarray(labels).reshape(-1), np.asarray(groups).reshape(-1)
+    rng = np.random.default_rng(seed)
+    shuffled = np.lexsort((rng.random(len(groups)), groups))      # grouped, random order inside each group
+    in_order = np.argsort(groups, kind="stable")                   # grouped, original order inside each group
+    out = np.empty_like(labels)
+    out[in_order] = labels[shuffled]            # position j of each group takes a random member's label
+    return out
+
+
 # --------------------------------------------------------------------------- runs the notebooks share
 
 def train_or_load(model_config, train_config, name: str, cache_dir=None) -> dict:

@@ -352,3 +352,33 @@ def test_train_or_load_trains_once_then_reuses_the_run(tmp_path, monkeypatch):
     (first["out_dir"] / "result.json").unlink()
     again = train_or_load(mc, tc, name="tiny")
     assert not again["cached"] and again["result"]["val_loss"] == first["result"]["val_loss"]
+
+
+# --------------------------------------------------------------------------- information between labels
+
+def test_mutual_information_known_values():
+    from minimoe.metrics import entropy_bits, mutual_information
+    a = np.repeat(np.arange(8), 100)                       # uniform over 8 labels: 3 bits
+    assert entropy_bits(a) == pytest.approx(3.0)
+    assert mutual_information(a, a) == pytest.approx(3.0)              # a determines a
+    assert mutual_information(a, a % 2) == pytest.approx(1.0)          # a determines its parity (1 bit)
+    b = np.tile(np.arange(2), 400)                         # independent of a by construction
+    assert mutual_information(a, b) == pytest.approx(0.0, abs=1e-12)
+    # conditional: c = a // 2, so given c only the parity of a is left, and b = a % 2 carries all of it
+    assert mutual_information(a, a % 2, given=a // 2) == pytest.approx(1.0)
+    assert mutual_information(a // 2, a % 2, given=a % 2) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_shuffled_within_keeps_groups_and_breaks_the_rest():
+    from minimoe.metrics import mutual_information, shuffled_within
+    rng = np.random.default_rng(0)
+    group = rng.integers(0, 4, 20_000)
+    other = rng.integers(0, 4, 20_000)
+    label = (group + other) % 4                            # depends on both
+    s = shuffled_within(label, group, seed=1)
+    for g in range(4):                                     # the same labels in every group, in another order
+        assert sorted(s[group == g]) == sorted(label[group == g])
+    assert not (s == label).all()
+    assert mutual_information(s, group) == pytest.approx(mutual_information(label, group))
+    assert mutual_information(label, other, given=group) == pytest.approx(2.0, abs=0.01)
+    assert mutual_information(s, other, given=group) < 0.01          # only the estimator's bias is left

@@ -20,7 +20,7 @@ NB_DIR = ROOT / "notebooks"
 NOTEBOOKS = ["01_low_rank_factorization", "02_norm_ranking", "03_router_vs_autonomy"]
 # What a notebook may import: minimoe, the numeric/plotting stack and the standard library.
 ALLOWED_IMPORTS = {"minimoe", "torch", "numpy", "matplotlib", "IPython", "copy", "math", "sys", "pathlib",
-                   "tempfile"}
+                   "tempfile", "time", "dataclasses"}
 
 
 def read(name):
@@ -199,7 +199,30 @@ def test_02_norm_ranking_runs(run_notebook, workdir):
 def test_03_router_vs_autonomy_runs(run_notebook, workdir):
     nb = run_notebook("03_router_vs_autonomy")
     out = text_of(nb)
-    losses = dict(re.findall(r"^(MoE.+?|AoE.+?)\s{2,}(\d+\.\d{4})$", out, re.M))
+    # the budget table: AoE (Eq. 5) matches total parameters, not active ones; aoe=F matches active FLOPs
+    acct = {m: (int(t.replace(",", "")), int(a.replace(",", "")), da)
+            for m, t, a, da in re.findall(r"^(moe|aoe|aoe=F)\s+\d+\s+[\d,]+\s+[\d,]+\s+([\d,]+)\s+\S+\s+([\d,]+)\s+(\S+)",
+                                          out, re.M)}
+    assert set(acct) == {"moe", "aoe", "aoe=F"}, acct
+    assert acct["aoe"][0] == acct["moe"][0] and acct["aoe"][1] > acct["moe"][1]
+    assert abs(acct["aoe=F"][1] / acct["moe"][1] - 1) < 0.03 and acct["aoe=F"][0] < acct["moe"][0]
+    # the seed study: every variant's mean +- CI over 3 paired seeds, and the paired differences
+    assert len(re.findall(r"^(moe|aoe)\s+\d\.\d{4} ± \d\.\d{4}", out, re.M)) == 2
+    assert len(re.findall(r"paired aoe - moe: [+-]\d\.\d{4} ± \d\.\d{4} \(n=3\)", out)) == 1
+    # rescaling W_down by c and W_up by 1/c: the same experts, the same expert computation, another Ent_conf
+    scale = re.findall(r"^(\d+(?:\.\d+)?)\s+(True|False)\s+(\d\.\de[+-]\d+)\s+\d\.\d{3}((?:\s+\d\.\d{3}){4})\s+\d\.\d{4}$",
+                       out, re.M)
+    assert len(scale) == 5, scale
+    assert all(same == "True" and float(d) < 1e-4 for _, same, d, _ in scale)
+    ent0 = [float(e.split()[0]) for *_, e in scale]
+    assert ent0 == sorted(ent0, reverse=True) and ent0[0] - ent0[-1] > 0.5   # larger c: sharper softmax
+    # mutual information per layer: bounded by H(E), and the shuffled control below the measured value
+    mi = re.findall(r"^(MOE|AOE)\s+(\d)\s+(\d\.\d{3})\s+(\d\.\d{3})\s+\d+%\s+[\d.]+%\s+(\d\.\d{3})\s+(\d\.\d{3})",
+                    out, re.M)
+    assert len(mi) == 8, mi
+    for _, _, h, i_be, i_ctx, i_null in mi:
+        assert 0 <= float(i_be) <= float(h) <= 3.0 and float(i_null) <= float(i_ctx)
+    losses = dict(re.findall(r"^(MoE.+?|AoE.+?)\s{2,}(\d+\.\d{6})$", out, re.M))
     assert len(losses) == 6, losses
     converted = float(losses["MoE -> AoE by SVD, d_low=24, no training"])
     tuned = float(losses["MoE -> AoE d_low=24 + 100 steps"])
