@@ -1,7 +1,7 @@
 """The ablation tables and routing diagnostics of results/ablations.md, from finished study folders.
 
     python results/ablations.py tables      # one table per axis: mean ± 95% CI, paired Δ vs the matching MoE
-    python results/ablations.py diagnose    # how sharp and how useful the gates of the trained models are
+    python results/ablations.py diagnose [ARM ...]   # how sharp and how useful the trained gates are
 
 Each "arm" is one variant of one `python -m minimoe.study laptop ...` folder (ARMS below, with the
 command that made it). Seeds pair across folders: run s of every study uses seed s for its init and
@@ -196,4 +196,7 @@ if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "tables"
     if what not in ("tables", "diagnose"):
         sys.exit(f"usage: python results/ablations.py [tables|diagnose], not {what!r}")
-    print(tables() if what == "tables" else diagnose())
+    names = sys.argv[2:] or ("moe", "aoe", "moe-aux0", "aoe-aux0", "aoe-wup002")
+    if bad := [n for n in names if n not in ARMS]:
+        sys.exit(f"unknown arm(s) {bad}: allowed values are {', '.join(ARMS)}")
+    print(tables() if what == "tables" else diagnose(names))
