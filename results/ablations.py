@@ -1,6 +1,7 @@
 """The ablation tables and routing diagnostics of results/ablations.md, from finished study folders.
 
-    python results/ablations.py tables      # one table per axis: mean ± 95% CI, paired Δ vs the matching MoE
+    python results/ablations.py tables      # one table per axis: mean ± 95% CI, paired Δ vs the matching MoE,
+                                            # and the laptop study's paired gap at each evaluation
     python results/ablations.py diagnose [ARM ...]   # how sharp and how useful the trained gates are
 
 Each "arm" is one variant of one `python -m minimoe.study laptop ...` folder (ARMS below, with the
@@ -112,7 +113,32 @@ def tables() -> str:
         if any_row:
             commands = sorted({ARMS[n].command for pair in rows for n in pair if n and results(ARMS[n])})
             out += lines + ["", "Commands:", *[f"    {c}" for c in commands], ""]
+    out += ["### The gap over training (laptop study, paired per seed, val nats)\n", gap_over_training(), ""]
     return "\n".join(out)
+
+
+def val_curve(run_dir: str) -> dict:
+    """{iter: val loss} of one run's log.jsonl (every eval_interval steps)."""
+    rows = (json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines() if line)
+    return {r["iter"]: r["val_loss"] for r in rows if r.get("val_loss") is not None}
+
+
+def gap_over_training(names=("aoe", "dense"), base_name="moe", iters=(100, 200, 300, 500, 700, 1000, 1500)) -> str:
+    """Paired Δ to the baseline at each evaluation: when does a gap open, and does it close?"""
+    base_runs = results(ARMS[base_name])
+    base = {s: val_curve(r["dir"]) for s, r in base_runs.items()}
+    per_step = next(iter(base_runs.values()))["tokens"] / next(iter(base_runs.values()))["iters"]
+    lines = [f"| step | tokens | " + " | ".join(f"{ARMS[n].label} − {ARMS[base_name].label}" for n in names) + " |",
+             "|" + "---|" * (len(names) + 2)]
+    curves = {n: {s: val_curve(r["dir"]) for s, r in results(ARMS[n]).items()} for n in names}
+    for it in iters:
+        cells = []
+        for n in names:
+            m, ci, k = paired_difference({s: c[it] for s, c in curves[n].items() if it in c},
+                                         {s: c[it] for s, c in base.items() if it in c})
+            cells.append(fmt_ci(m, ci, sign=True) + f" (n={k})" if k else "-")
+        lines.append(f"| {it} | {it * per_step / 1e6:.2f}M | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- diagnostics
