@@ -62,7 +62,7 @@ ARMS = {
                            f"{BASE} --out_dir=/tmp/study-dlow{L} --variants=aoe --d_low={L} --seeds=1,2,3")
        for L in (8, 16, 32)},
     **{f"{v}-tuned": Arm(f"{v}, lr tuned", "/tmp/study-lrtune", v,
-                         f"{BASE} --out_dir=/tmp/study-lrtune --tune=learning_rate=1e-3,2e-3,4e-3")
+                         f"{BASE} --out_dir=/tmp/study-lrtune --variants=moe,aoe --tune=learning_rate=1e-3,2e-3,4e-3")
        for v in ("dense", "moe", "aoe")},
 }
 # axis title -> [(arm, the arm its paired Δ is taken against)]
@@ -113,7 +113,8 @@ def tables() -> str:
         if any_row:
             commands = sorted({ARMS[n].command for pair in rows for n in pair if n and results(ARMS[n])})
             out += lines + ["", "Commands:", *[f"    {c}" for c in commands], ""]
-    out += ["### The gap over training (laptop study, paired per seed, val nats)\n", gap_over_training(), ""]
+    out += ["### The gap over training (laptop study, paired per seed, val nats)\n", gap_over_training(), "",
+            "### Ent_conf over training (laptop study; ln 8 = 2.079 is uniform)\n", confidence_over_training(), ""]
     return "\n".join(out)
 
 
@@ -138,6 +139,21 @@ def gap_over_training(names=("aoe", "dense"), base_name="moe", iters=(100, 200, 
                                          {s: c[it] for s, c in base.items() if it in c})
             cells.append(fmt_ci(m, ci, sign=True) + f" (n={k})" if k else "-")
         lines.append(f"| {it} | {it * per_step / 1e6:.2f}M | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def confidence_over_training(names=("moe", "aoe"), iters=(100, 200, 300, 500, 1000, 1500)) -> str:
+    """Ent_conf (Eq. 8) per layer at each evaluation, mean ± 95% CI over seeds: how fast each
+    variant's routing gets confident, and whether it keeps sharpening."""
+    logs = {n: [{r["iter"]: r for r in map(json.loads, (Path(res["dir"]) / "log.jsonl").read_text().splitlines())
+                 if r.get("routing")} for res in results(ARMS[n]).values()] for n in names}
+    layers = range(len(next(iter(next(iter(logs.values()))[0].values()))["routing"]))
+    lines = ["| step | " + " | ".join(f"{ARMS[n].label}, layer {j}" for n in names for j in layers) + " |",
+             "|" + "---|" * (1 + len(names) * len(layers))]
+    for it in iters:
+        lines.append(f"| {it} | " + " | ".join(
+            fmt_ci(*mean_ci([lg[it]["routing"][j]["ent_conf"] for lg in logs[n]]), digits=3)
+            for n in names for j in layers) + " |")
     return "\n".join(lines)
 
 
@@ -195,8 +211,9 @@ def diagnose(names=("moe", "aoe", "moe-aux0", "aoe-aux0", "aoe-wup002")) -> str:
     moe_module.route = aoe_module.route = diagnostic_route
     sampler = BatchSampler(load_corpus("stdlib").val, 32, 64, seed=VAL_SEED)
     head = ("| arm | seeds | layer | score level (mean) | score spread within a token (std over E) | "
-            "top-1 share of the top-2 gates | margin s(2)-s(3) | Ent_conf (ln 8 = 2.079) | load min/max share |")
-    lines = [head, "|" + "---|" * 9]
+            "top-1 share of the top-2 gates | margin s(2)-s(3) | Ent_conf (ln 8 = 2.079) | load min/max share | "
+            "experts under 2% of the slots, per seed |")
+    lines = [head, "|" + "---|" * 10]
     cf = ["| arm | seeds | val loss | flat gates: Δ loss | random experts: Δ loss |", "|---|---|---|---|---|"]
     for name in names:
         rs = results(ARMS[name])
@@ -209,8 +226,9 @@ def diagnose(names=("moe", "aoe", "moe-aux0", "aoe-aux0", "aoe-wup002")) -> str:
             ent = fmt_ci(*mean_ci([r["routing"][j]["ent_conf"] for r in rs.values()]), digits=3)
             lo = min(min(r["routing"][j]["load"]) for r in rs.values())
             hi = max(max(r["routing"][j]["load"]) for r in rs.values())
+            dead = ",".join(str(sum(f < 0.02 for f in r["routing"][j]["load"])) for r in rs.values())
             lines.append(f"| {ARMS[name].label} | {seeds} | {j} | {col('level')} | {col('spread')} | "
-                         f"{col('top1_gate')} | {col('margin')} | {ent} | {lo:.3f} / {hi:.3f} |")
+                         f"{col('top1_gate')} | {col('margin')} | {ent} | {lo:.3f} / {hi:.3f} | {dead} |")
         base = fmt_ci(*mean_ci([v["loss_normal"] for v in d.values()]))
         dl = lambda k: fmt_ci(*mean_ci([v[k] - v["loss_normal"] for v in d.values()]), sign=True)  # noqa: E731
         cf.append(f"| {ARMS[name].label} | {seeds} | {base} | {dl('loss_flat')} | {dl('loss_random')} |")
