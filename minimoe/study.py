@@ -260,11 +260,13 @@ def make_run(variant, seed, budget, tuned, base: GPTConfig, cfg: TrainConfig, ro
 
 
 def load_result(run: Run) -> dict | None:
+    """The run's finished result, labelled as *this* study sees the run: a run reused from another
+    study (same config, so same key and folder) carries that study's `tuned`/`tuning` on disk."""
     path = run.dir / "result.json"
     if not path.exists():
         return None
     r = json.loads(path.read_text())
-    return r if r.get("key") == run.key else None
+    return {**r, "tuned": run.tuned, "tuning": run.tuning} if r.get("key") == run.key else None
 
 
 def sizes(mc: GPTConfig) -> dict:

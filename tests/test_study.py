@@ -134,6 +134,20 @@ def test_tuning_gives_every_variant_the_same_grid(tmp_path, data, calls):
     assert len(calls) == 6 and "## Tuning (seed 7" in (out / "study.md").read_text()
 
 
+def test_runs_reused_by_a_tuning_study_carry_its_tuned_values(tmp_path, data, calls):
+    out = tmp_path / "s"
+    args = ["laptop", *TINY, f"--data={data}", f"--out_dir={out}"]
+    assert study.main(args) == 0 and len(calls) == 4
+    calls.clear()                  # the grid's only point is the default lr: seeds 1, 2 are the same runs
+    lr = study.laptop_train().learning_rate
+    assert study.main([*args, f"--tune=learning_rate={lr}", "--tune_seed=7"]) == 0
+    assert sorted((c[0].split("-")[0], c[2]) for c in calls) == [("dense", 7), ("moe", 7)]   # only tuning
+    js = json.loads((out / "study.json").read_text())
+    assert {r["seed"] for r in js["runs"] if not r["tuning"]} == {1, 2}
+    assert all(r["tuned"] == {"learning_rate": lr} for r in js["runs"])
+    assert all(row["tuned"] == {"learning_rate": lr} for row in js["summary"])
+
+
 @pytest.mark.parametrize("df, t", [(1, 12.7062047), (2, 4.3026527), (3, 3.1824463), (4, 2.7764451),
                                    (9, 2.2621572), (11, 2.2009852), (15, 2.1314495), (20, 2.0859634),
                                    (30, 2.0422725), (60, 2.0002978), (120, 1.9799304), (10**6, 1.9599659)])
