@@ -50,7 +50,8 @@ from .data import load_corpus
 from .model import GPT, GPTConfig
 from .plots import (plot_entropy_per_layer, plot_final_losses, plot_loss_vs_cost, plot_losses,
                     plot_paired_differences, read_log)
-from .train import TrainConfig, TrainingDiverged, _convert, parse_overrides, resolve_device, train
+from .train import (TrainConfig, TrainingDiverged, _convert, grad_accum_steps, parse_overrides, resolve_device,
+                    train)
 from . import variants as variants_module
 
 
@@ -269,14 +270,15 @@ def load_result(run: Run) -> dict | None:
     return {**r, "tuned": run.tuned, "tuning": run.tuning} if r.get("key") == run.key else None
 
 
-def sizes(mc: GPTConfig) -> dict:
-    """Parameter and FLOP counts without allocating anything (meta device)."""
+def sizes(mc: GPTConfig, accum_steps: int = 1) -> dict:
+    """Parameter and FLOP counts without allocating anything (meta device). extra_flops_per_step:
+    a variant's training work per optimizer step that does not scale with the tokens (ERC's n^2
+    proxies, GPT.flops_per_step_extra), for accum_steps forward+backward passes per step."""
     with torch.device("meta"):
         m = GPT(mc)
-    extra = getattr(m, "extra_flops_per_step", None)      # a variant's per-step work outside the tokens
     return {"params_total": m.num_params(), "params_active": m.num_active_params(),
             "flops_per_token": m.flops_per_token(mc.block_size),
-            "extra_flops_per_step": int(extra()) if callable(extra) else 0}
+            "extra_flops_per_step": m.flops_per_step_extra(accum_steps)}
 
 
 class Interrupted(Exception):
@@ -292,7 +294,7 @@ def run_one(run: Run, corpus) -> dict:
     r.pop("model", None)
     if r.get("interrupted"):
         raise Interrupted(r["interrupted"])
-    s = sizes(run.model)
+    s = sizes(run.model, grad_accum_steps(run.train, run.model.block_size, 1))
     train_s = r["tokens"] / r["tokens_per_sec"] if r.get("tokens_per_sec") else None
     result = {"key": run.key, "variant": run.variant, "seed": run.seed, "budget": run.budget,
               "tuned": run.tuned, "tuning": run.tuning, **s, "train_s": train_s,

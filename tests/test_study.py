@@ -237,3 +237,17 @@ def test_command_line_help_and_errors():
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: --variants='mlp' is invalid") \
         and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_per_step_extra_flops_of_a_variant_are_counted_once_per_forward():
+    """ERC's fixed n^2 work (GPT.flops_per_step_extra) enters the study's FLOP budget per micro-step;
+    variants without such work report 0."""
+    from minimoe.model import GPT, GPTConfig
+    from minimoe.variants import variant_config
+    base = GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32, n_experts=4, top_k=2, d_ffn=32)
+    erc = variant_config("moe+erc", base)
+    per_forward = GPT(erc).flops_per_step_extra(1)
+    assert per_forward > 0
+    assert study.sizes(erc)["extra_flops_per_step"] == per_forward
+    assert study.sizes(erc, accum_steps=3)["extra_flops_per_step"] == 3 * per_forward
+    assert study.sizes(variant_config("moe", base))["extra_flops_per_step"] == 0
