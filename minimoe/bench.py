@@ -5,7 +5,8 @@
     python -m minimoe.bench gpu                   # whole models instead: see bench_model.py
     python -m minimoe.bench --dtype=amp           # fp32 weights under bf16 autocast, as training runs
 
-For each (E, K, d_low) it times, on the same N tokens:
+For each (E, K, d_low) it times, on the same N tokens and interleaved (each round runs every layer
+once, in a rotated order; medians over rounds, so drift hits all rows alike):
     moe       router MoE (Alg. 1)                              the reference row (ratio 1.00)
     aoe=P     AoE with the MoE's total parameters (Eq. 5)      what the paper compares
     aoe=F     AoE with the MoE's active FLOPs per token        d_wide shrunk to pay for W_down
@@ -49,26 +50,37 @@ def d_wide_for_matched_flops(D: int, F: int, E: int, K: int, L: int) -> int:
     return max(8, int(round(W / 8)) * 8)
 
 
-def time_layer(layer, x, repeats: int, warmup: int = 2, amp: bool = False) -> float:
-    """Median seconds of one forward + backward (gradients w.r.t. input and weights)."""
+def make_step(layer, x, amp: bool = False):
+    """One forward + backward (gradients w.r.t. input and weights), as a closure."""
     def step():
         with torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else nullcontext():
             y, aux = layer(x)
         (y.float().square().mean() + aux).backward()
         layer.zero_grad(set_to_none=True)
         x.grad = None
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return step
+
+
+def time_steps(steps: list, repeats: int, warmup: int = 2) -> list[float]:
+    """Median seconds of each step, measured INTERLEAVED: every round times each step once, in an
+    order rotated by one per round, so slow drift of the machine (clock, cache, other load) hits
+    every layer alike instead of whichever happened to run last. Returns one median per step."""
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    times = [[] for _ in steps]
+    for r in range(repeats):
+        for j in range(len(steps)):
+            i = (j + r) % len(steps)
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            steps[i]()
+            if cuda:
+                torch.cuda.synchronize()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def bench_rows(D, F, E, K, L, tokens, device, dtype, repeats, dispatches, amp=False):
@@ -87,33 +99,38 @@ def bench_rows(D, F, E, K, L, tokens, device, dtype, repeats, dispatches, amp=Fa
         variants += [(f"{n} bf16-scores", c, replace(cfg, fp32_scores=False), dispatches[:1])
                      for n, c, cfg, _ in variants[:2]]
     x = torch.randn(1, tokens, D, device=device, dtype=dtype, requires_grad=True)
-    rows = []
+    built = []                                   # every layer first, then time them interleaved
     for name, cls, cfg, impls in variants:
         for dispatch in impls:
             torch.manual_seed(0)
-            layer = cls(replace(cfg, dispatch=dispatch if dispatch != "-" else "loop")).to(device, dtype)
-            sec = time_layer(layer, x, repeats, amp=amp)
-            total = sum(p.numel() for p in layer.parameters())
-            active = layer.active_params()
-            extra = layer.flops_per_forward_extra() if hasattr(layer, "flops_per_forward_extra") else 0
-            rows.append(dict(E=E, K=K, L=L, kind=name, dispatch=dispatch, width=cfg.wide_dim if cls is AoE or cfg.expert_gate == "lowrank" else cfg.ffn_dim,
-                             params=total, active=active, flops_tok=6 * active, extra=extra, ms=sec * 1e3,
-                             tok_s=tokens / sec))
+            built.append((name, cls, cfg, dispatch,
+                          cls(replace(cfg, dispatch=dispatch if dispatch != "-" else "loop")).to(device, dtype)))
+    seconds = time_steps([make_step(layer, x, amp) for *_, layer in built], repeats)
+    rows = []
+    for (name, cls, cfg, dispatch, layer), sec in zip(built, seconds):
+        active = layer.active_params()
+        extra = layer.flops_per_forward_extra() if hasattr(layer, "flops_per_forward_extra") else 0
+        width = cfg.wide_dim if cls is AoE or cfg.expert_gate == "lowrank" else cfg.ffn_dim
+        rows.append(dict(E=E, K=K, L=L, kind=name, dispatch=dispatch, width=width,
+                         params=sum(p.numel() for p in layer.parameters()), active=active, flops_tok=6 * active,
+                         extra=extra, ms=sec * 1e3, tok_s=tokens / sec))
     ref = next(r for r in rows if r["kind"] == "moe" and r["dispatch"] == dispatches[0])
     for r in rows:
         r["vs_moe"] = ref["ms"] / r["ms"]   # > 1: faster than the MoE
+        # time ratio over FLOP ratio to the MoE: 1.00 = costs exactly what its extra FLOPs explain
+        r["time_per_flop"] = (r["ms"] / ref["ms"]) / (r["flops_tok"] / ref["flops_tok"])
     return rows
 
 
 def format_table(rows) -> str:
     head = ("| E | K | d_low | layer | dispatch | hidden | params | active | FLOPs/tok | extra FLOPs/step "
-            "| ms fwd+bwd | tok/s | speed vs moe |")
-    lines = [head, "|" + "---|" * 13]
+            "| ms fwd+bwd | tok/s | speed vs moe | time/FLOPs vs moe |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         extra = f"{r['extra'] / 1e6:.1f}M" if r["extra"] else "-"
         lines.append(f"| {r['E']} | {r['K']} | {r['L']} | {r['kind']} | {r['dispatch']} | {r['width']} | "
                      f"{r['params'] / 1e6:.2f}M | {r['active'] / 1e6:.2f}M | {r['flops_tok'] / 1e6:.1f}M | {extra} | "
-                     f"{r['ms']:.1f} | {r['tok_s']:,.0f} | {r['vs_moe']:.2f} |")
+                     f"{r['ms']:.1f} | {r['tok_s']:,.0f} | {r['vs_moe']:.2f} | {r['time_per_flop']:.2f} |")
     return "\n".join(lines)
 
 

@@ -32,3 +32,12 @@ def test_bench_shows_the_cost_of_fp32_scores_under_autocast(capsys):
 def test_bench_rejects_a_malformed_config():
     with pytest.raises(SystemExit):
         bench.main(["--configs=8,2"])
+
+
+def test_layers_are_timed_interleaved_in_rotated_order():
+    """Every round times each layer once, starting one later each round, so drift hits all rows alike."""
+    calls = []
+    steps = [lambda i=i: calls.append(i) for i in range(3)]
+    medians = bench.time_steps(steps, repeats=3, warmup=1)
+    assert calls == [0, 1, 2] + [0, 1, 2, 1, 2, 0, 2, 0, 1]      # warmup, then rounds rotated by one
+    assert len(medians) == 3 and all(m >= 0 for m in medians)
