@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 
 from .balance import init_expert_bias, record_load
-from .dispatch import (Routing, combine, compute_dtype, grouped_mm, load_balance_loss, plan_dispatch,
-                       resolve_impl, route, scoring_matmul, swiglu_experts, z_loss)
+from .dispatch import (Routing, aux_losses, combine, compute_dtype, grouped_mm, plan_dispatch,
+                       resolve_impl, route, scoring_matmul, swiglu_experts)
 
 
 def d_wide_for_matched_params(n_embd: int, d_ffn: int, d_low: int, multiple_of: int = 8) -> int:
@@ -86,7 +86,7 @@ class AoE(nn.Module):
         y = swiglu_experts(x_s, g, self.w_p, self.w_o, plan, impl)  # (S, D)
         out = combine(y, r.gates, plan, x.shape[0])          # (N, D) gate-weighted sum over K
 
-        aux = self.aux_loss_coef * load_balance_loss(r) + self.z_loss_coef * z_loss(r)  # Eq. 6 on norms
+        aux = aux_losses(r, self.aux_loss_coef, self.z_loss_coef)  # Eq. 6 on norms (+ z-loss)
         self.last_routing = r.detach()
         return out.view(B, T, D), aux
 

@@ -197,6 +197,17 @@ def load_balance_loss(r: Routing) -> torch.Tensor:
     return E * (f * P).sum()
 
 
+def aux_losses(r: Routing, aux_coef: float, z_coef: float) -> torch.Tensor:
+    """alpha * Eq. 6 + z_coef * z-loss, each term computed only when its coefficient is non-zero (the
+    bias-balanced variants run with alpha = 0, and z-loss is off by default): a () fp32 tensor."""
+    aux = r.probs.new_zeros(())
+    if aux_coef:
+        aux = aux + aux_coef * load_balance_loss(r)
+    if z_coef:
+        aux = aux + z_coef * z_loss(r)
+    return aux
+
+
 def z_loss(r: Routing) -> torch.Tensor:
     """Router z-loss (ST-MoE): mean squared log-sum-exp of the scores; keeps logits small."""
     return torch.logsumexp(r.scores.float(), dim=-1).square().mean()

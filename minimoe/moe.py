@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from .balance import init_expert_bias, record_load
-from .dispatch import (Routing, combine, grouped_mm, load_balance_loss, plan_dispatch,
-                       resolve_impl, route, swiglu_experts, z_loss)
+from .dispatch import (Routing, aux_losses, combine, grouped_mm, plan_dispatch,
+                       resolve_impl, route, swiglu_experts)
 from .erc import erc_flops, erc_loss
 from .router import Router
 
@@ -73,7 +73,7 @@ class MoE(nn.Module):
         y = swiglu_experts(x_s, g, self.w_p, self.w_o, plan, impl)  # (S, D)
         out = combine(y, r.gates, plan, x.shape[0])          # (N, D) gate-weighted sum over K
 
-        aux = self.aux_loss_coef * load_balance_loss(r) + self.z_loss_coef * z_loss(r)  # Eq. 6
+        aux = aux_losses(r, self.aux_loss_coef, self.z_loss_coef)  # Eq. 6 (+ z-loss)
         if self.erc_loss_coef and self.training:             # a fixed n^2 cost per forward, not per token
             aux = aux + self.erc_loss_coef * erc_loss(self.router.weight, *self.gate_weights(), alpha=self.erc_alpha)
         self.last_routing = r.detach()
