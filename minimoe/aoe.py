@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 
 from .balance import init_expert_bias, record_load
-from .dispatch import (Routing, aux_losses, combine, compute_dtype, grouped_mm, plan_dispatch,
-                       resolve_impl, route, scoring_matmul, swiglu_experts)
+from .dispatch import (Routing, aux_losses, combine, compute_dtype, gather_rows, grouped_mm, plan_dispatch,
+                       resolve_impl, route, row_norms, scoring_matmul, swiglu_experts)
 
 
 def d_wide_for_matched_params(n_embd: int, d_ffn: int, d_low: int, multiple_of: int = 8) -> int:
@@ -75,14 +75,14 @@ class AoE(nn.Module):
 
         # --- scoring: every expert computes its low-rank activation, ranked by its L2 norm ---
         a = scoring_matmul(x, self.w_down, self.fp32_scores).view(-1, self.n_experts, self.d_low)  # (N, E, L) cache C
-        r = route(a.norm(dim=-1), self.top_k, self.renormalize, self.expert_bias)  # (N, E) -> (N, K)
+        r = route(row_norms(a), self.top_k, self.renormalize, self.expert_bias)  # (N, E) -> (N, K)
         record_load(self, r.experts)
-        a = a.to(compute_dtype(x))                           # W_up runs in the compute dtype
 
         # --- the chosen experts finish Eq. 1, starting from their cached a_i ---
         plan = plan_dispatch(r.experts, self.n_experts)
-        x_s = x[plan.token]                                  # (S, D) token rows, grouped by expert
-        g = grouped_mm(a[plan.token, plan.expert], self.w_up, plan, impl)  # (S, W) a_i W_up^i
+        x_s = gather_rows(x, plan.token)                     # (S, D) token rows, grouped by expert
+        a_s = gather_rows(a.view(-1, self.d_low), plan.token * self.n_experts + plan.expert)  # (S, L) a_i of each slot
+        g = grouped_mm(a_s.to(compute_dtype(x)), self.w_up, plan, impl)  # (S, W) a_i W_up^i, compute dtype
         y = swiglu_experts(x_s, g, self.w_p, self.w_o, plan, impl)  # (S, D)
         out = combine(y, r.gates, plan, x.shape[0])          # (N, D) gate-weighted sum over K
 

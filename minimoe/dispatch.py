@@ -99,6 +99,39 @@ def plan_dispatch(experts: torch.Tensor, n_experts: int) -> DispatchPlan:
     return DispatchPlan(token=slot // K, expert=flat[slot], slot=slot, counts=counts, offsets=offsets)
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] along dim 0.   x (N, C), index (S,) -> (S, C).
+
+    Written as index_select because of its backward: an index_add_, where x[index]'s backward is an
+    accumulating index_put_ that on CPU took 8x as long for the (S, D) token rows (issue 12's profile)."""
+    return x.index_select(0, index)
+
+
+class _RowNorms(torch.autograd.Function):
+    """||v|| over the last dim, with a one-pass backward: grad_v = v * (grad / ||v||).
+
+    torch's own norm backward runs a division, a masked_fill for zero norms and a multiply, each over
+    the whole input; for AoE's (N, E, L) cache that was a visible share of the layer (issue 12).
+    At v = 0 both use the subgradient 0. Tests hold it equal to torch.linalg.vector_norm."""
+
+    @staticmethod
+    def forward(ctx, a):
+        norms = torch.linalg.vector_norm(a, dim=-1)
+        ctx.save_for_backward(a, norms)
+        return norms
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, norms = ctx.saved_tensors
+        scale = grad / norms.clamp_min(torch.finfo(norms.dtype).tiny)    # 0 where the norm is 0
+        return a * scale.unsqueeze(-1).to(a.dtype)
+
+
+def row_norms(a: torch.Tensor) -> torch.Tensor:
+    """L2 norms over the last dim, e.g. AoE's scores ||a_i||.   (..., L) -> (...)"""
+    return _RowNorms.apply(a)
+
+
 @lru_cache(maxsize=None)
 def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
     """Whether torch._grouped_mm exists and runs on this device type and dtype.

@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dispatch import Routing, combine, grouped_mm, load_entropy, plan_dispatch, resolve_impl, route, swiglu_experts
+from .dispatch import Routing, combine, gather_rows, grouped_mm, load_entropy, plan_dispatch, resolve_impl, route, swiglu_experts
 from .lowrank import svd_factorize
 from .moe import MoE
 
@@ -229,7 +229,7 @@ def run_experts(moe: MoE, x: torch.Tensor, r: Routing) -> torch.Tensor:
     The same dispatch pieces MoE.forward uses: only who chose the experts differs."""
     plan = plan_dispatch(r.experts, moe.n_experts)
     impl = resolve_impl(moe.dispatch, x)
-    x_s = x[plan.token]                                                 # (S, D)
+    x_s = gather_rows(x, plan.token)                                    # (S, D)
     g = grouped_mm(x_s, moe.w_g, plan, impl)                            # (S, H)
     y = swiglu_experts(x_s, g, moe.w_p, moe.w_o, plan, impl)            # (S, D)
     return combine(y, r.gates, plan, x.shape[0])                        # (N, D)

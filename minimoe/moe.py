@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .balance import init_expert_bias, record_load
-from .dispatch import (Routing, aux_losses, combine, grouped_mm, plan_dispatch,
+from .dispatch import (Routing, aux_losses, combine, gather_rows, grouped_mm, plan_dispatch,
                        resolve_impl, route, swiglu_experts)
 from .erc import erc_flops, erc_loss
 from .router import Router
@@ -68,7 +68,7 @@ class MoE(nn.Module):
 
         # --- the chosen experts compute Eq. 1 ---
         plan = plan_dispatch(r.experts, self.n_experts)
-        x_s = x[plan.token]                                  # (S, D) token rows, grouped by expert
+        x_s = gather_rows(x, plan.token)                     # (S, D) token rows, grouped by expert
         g = self.gate_preactivation(x_s, plan, impl)         # (S, H) x W_g^i
         y = swiglu_experts(x_s, g, self.w_p, self.w_o, plan, impl)  # (S, D)
         out = combine(y, r.gates, plan, x.shape[0])          # (N, D) gate-weighted sum over K
