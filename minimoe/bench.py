@@ -36,6 +36,7 @@ from contextlib import nullcontext
 from .aoe import AoE
 from .dense import DenseFFN
 from .dispatch import grouped_mm_available
+from .hardware import keep_freed_memory
 from .model import FFN_KINDS, GPTConfig
 from .moe import MoE
 from .variants import variant_config
@@ -83,7 +84,23 @@ def time_steps(steps: list, repeats: int, warmup: int = 2) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def bench_rows(D, F, E, K, L, tokens, device, dtype, repeats, dispatches, amp=False):
+def profile_table(step, steps: int = 5, rows: int = 12) -> str:
+    """torch.profiler's top ops by self CPU time over `steps` calls of `step`, per step (ms).
+
+    On CPU the profiler itself slows element-wise ops (by about half on our 2-core machine), so read it
+    for WHICH ops run and how often, and the interleaved medians above for how long a layer takes."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+    lines = ["| op | calls/step | self CPU ms/step |", "|---|---|---|"]
+    lines += [f"| {e.key} | {e.count / steps:g} | {e.self_cpu_time_total / 1e3 / steps:.2f} |" for e in events]
+    return "\n".join(lines)
+
+
+def bench_rows(D, F, E, K, L, tokens, device, dtype, repeats, dispatches, amp=False, layers=None, profile=()):
     base = GPTConfig(n_layer=1, n_head=1, n_embd=D, n_experts=E, top_k=K, d_ffn=F, d_low=L,
                      aux_loss_coef=0.01)
     variants = [
@@ -98,6 +115,8 @@ def bench_rows(D, F, E, K, L, tokens, device, dtype, repeats, dispatches, amp=Fa
     if amp:   # what scoring in fp32 costs: the same layers scoring in the compute dtype (bf16)
         variants += [(f"{n} bf16-scores", c, replace(cfg, fp32_scores=False), dispatches[:1])
                      for n, c, cfg, _ in variants[:2]]
+    if layers:                                   # --layers: a subset, the MoE reference always kept
+        variants = [v for v in variants if v[0] == "moe" or v[0] in layers]
     x = torch.randn(1, tokens, D, device=device, dtype=dtype, requires_grad=True)
     built = []                                   # every layer first, then time them interleaved
     for name, cls, cfg, impls in variants:
@@ -105,7 +124,11 @@ def bench_rows(D, F, E, K, L, tokens, device, dtype, repeats, dispatches, amp=Fa
             torch.manual_seed(0)
             built.append((name, cls, cfg, dispatch,
                           cls(replace(cfg, dispatch=dispatch if dispatch != "-" else "loop")).to(device, dtype)))
-    seconds = time_steps([make_step(layer, x, amp) for *_, layer in built], repeats)
+    steps = [make_step(layer, x, amp) for *_, layer in built]
+    seconds = time_steps(steps, repeats)
+    for (name, _, _, dispatch, _), step in zip(built, steps):
+        if name in profile:
+            print(f"\n# profile: {name} ({dispatch}), E={E} K={K} d_low={L}\n{profile_table(step)}\n")
     rows = []
     for (name, cls, cfg, dispatch, layer), sec in zip(built, seconds):
         active = layer.active_params()
@@ -134,6 +157,29 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
+SUMMARY = (("moe", "dense", "the dispatch's cost: MoE over a dense SwiGLU of its active FLOPs"),
+           ("aoe=P", "moe", "AoE over the MoE (Eq. 5 widths: AoE's hidden layer is wider)"),
+           ("aoe=P", "moe-lowrank", "AoE over the router MoE with AoE's own expert widths: scoring alone"))
+
+
+def format_summary(rows) -> str:
+    """One line per pair of SUMMARY present in rows (first dispatch of each): time ratio, FLOP ratio, and
+    their quotient. moe-lowrank runs AoE's expert shapes (W_down W_up, d_wide) behind a router, so
+    aoe=P / moe-lowrank isolates what norm scoring + reading the cached a_i cost against a router."""
+    first = {}
+    for r in rows:
+        first.setdefault((r["E"], r["K"], r["L"], r["kind"]), r)
+    lines = []
+    for (E, K, L, kind), a in first.items():
+        for num, den, what in SUMMARY:
+            b = first.get((E, K, L, den))
+            if kind == num and b is not None:
+                t, f = a["ms"] / b["ms"], a["flops_tok"] / b["flops_tok"]
+                lines.append(f"E={E} K={K} d_low={L}  {num} / {den}: time x{t:.3f}, FLOPs x{f:.3f}, "
+                             f"time/FLOPs {t / f:.3f}   ({what})")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["gpu"], ["model"]):            # the whole-model benchmark (bench_model.py)
@@ -149,9 +195,19 @@ def main(argv=None):
                    help="semicolon-separated E,K,d_low triples")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--malloc", default="keep", choices=["keep", "default"],
+                   help="keep: glibc keeps large freed buffers (hardware.keep_freed_memory, as train.py does on "
+                        "CPU); default: glibc's own policy, which page-faults fresh activations every step")
+    p.add_argument("--layers", default="", help="comma-separated subset of the rows' layer names, e.g. "
+                   "'aoe=P,dense' (the moe row, the reference, is always timed); empty = all")
+    p.add_argument("--profile", default="", help="comma-separated layer names to run under torch.profiler "
+                   "after timing: prints their top ops per step, e.g. --profile=moe,aoe=P")
+    p.add_argument("--dispatch", default="", choices=["", "grouped", "loop"],
+                   help="time one dispatch only (empty = grouped and loop where grouped runs)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = args.malloc == "keep" and torch.device(args.device).type == "cpu" and keep_freed_memory()
     dtype, amp = DTYPES[args.dtype], args.dtype == "amp"
     try:
         configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]
@@ -160,18 +216,31 @@ def main(argv=None):
         p.error(f"--configs={args.configs!r}: expected 'E,K,d_low' triples separated by ';', e.g. '8,2,64;16,4,64'")
     grouped = grouped_mm_available(torch.device(args.device).type, torch.bfloat16 if amp else dtype)
     dispatches = ["grouped", "loop"] if grouped else ["loop"]
+    if args.dispatch:
+        if args.dispatch not in dispatches:
+            p.error(f"--dispatch={args.dispatch}: torch._grouped_mm does not run here for this dtype; use loop")
+        dispatches = [args.dispatch]
+    layers = [n for n in args.layers.split(",") if n]
+    known = ["moe", "aoe=P", "aoe=F", "dense", *COST_VARIANTS] + (["moe bf16-scores", "aoe=P bf16-scores"] if amp else [])
+    profiled = [n for n in args.profile.split(",") if n]
+    for flag, names in (("--layers", layers), ("--profile", profiled)):
+        bad = [n for n in names if n not in known]
+        if bad:
+            p.error(f"{flag}: {', '.join(map(repr, bad))} not among {', '.join(known)}")
     print(f"# minimoe.bench  device={args.device} dtype={args.dtype} tokens={args.tokens} n_embd={args.n_embd} "
           f"d_ffn={args.d_ffn} threads={torch.get_num_threads()} torch={torch.__version__}"
+          + (" malloc=keep" if kept else "")
           + ("" if grouped else "  (torch._grouped_mm unavailable here: loop only)"))
     all_rows = []
     for E, K, L in configs:
         try:
             rows = bench_rows(args.n_embd, args.d_ffn, E, K, L, args.tokens, args.device, dtype, args.repeats, dispatches,
-                              amp)
+                              amp, layers, profiled)
         except ValueError as e:
             p.error(f"config E={E},K={K},d_low={L}: {e}")
         all_rows += rows
     print(format_table(all_rows))
+    print(format_summary(all_rows))
     return all_rows
 
 

@@ -36,7 +36,7 @@ import time
 import torch
 
 from .dispatch import grouped_mm_available
-from .hardware import mfu, peak_flops
+from .hardware import keep_freed_memory, mfu, peak_flops
 from .model import GPT, GPTConfig
 from .presets import get_preset
 from .train import TrainConfig, configure_optimizer
@@ -242,6 +242,8 @@ def main(argv=None) -> dict:
         torch.set_num_threads(a.threads)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True        # as train.py: fp32 matmuls on tensor cores
+    else:
+        keep_freed_memory()                                 # as train.py on CPU (hardware.py)
     steps = a.steps if a.steps is not None else (20 if cuda else 3)
     warmup = a.warmup if a.warmup is not None else (5 if cuda else 1)
     sample_tokens = a.sample_tokens if a.sample_tokens is not None else (256 if cuda else 48)

@@ -4,7 +4,13 @@ MFU = (training FLOPs per token x tokens per second) / the chip's peak FLOP/s  (
 The peaks are the vendors' dense (no 2:4 sparsity) tensor-core numbers in bf16 with fp32
 accumulation, which is what bf16 autocast runs; chips without bf16 list their fp16 figure.
 A CPU has no entry: its "peak" depends on cores, clocks and vector units, so MFU is None there.
+
+Also here, for CPU runs: keep_freed_memory(), which stops glibc from unmapping large freed buffers
+(a page-fault tax on every step's activations; see its docstring).
 """
+
+import ctypes
+import sys
 
 import torch
 
@@ -57,3 +63,28 @@ def mfu(flops_per_token: float, tokens_per_sec: float, peak: float | None) -> fl
     if not peak or not tokens_per_sec:
         return None
     return flops_per_token * tokens_per_sec / peak
+
+
+def keep_freed_memory() -> bool:
+    """CPU speed: ask glibc's malloc to keep large freed buffers for reuse instead of unmapping them.
+
+    PyTorch's CPU allocator is plain malloc. glibc maps every buffer over 32 MiB separately and unmaps
+    it on free (and trims the heap top), so the next step's tensor of the same size is mapped afresh
+    and page-faults on every first write: a (tokens x hidden) activation of 4096 x 1024 fp32 is such a
+    buffer. In `python -m minimoe.bench` (4096 tokens, hidden 1024) this tax was about a quarter of a
+    layer's forward+backward, and it falls on element-wise work (SiLU, products) that writes fresh
+    buffers, so it inflated the wider AoE layer more than the MoE. Afterwards the process keeps its peak
+    memory mapped, which a training loop reaches every step anyway.
+
+    Process-wide and idempotent, like torch.set_num_threads. Returns True where it took effect (Linux
+    with glibc), False elsewhere (macOS, Windows, musl), where it does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):           # not glibc
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))

@@ -75,7 +75,7 @@ from tqdm import tqdm
 from .balance import update_biases
 from .data import BatchSampler, Corpus, load_corpus
 from .dispatch import load_entropy
-from .hardware import mfu, peak_flops
+from .hardware import keep_freed_memory, mfu, peak_flops
 from .model import GPT, GPTConfig
 from .validate import MAY_BE_EMPTY, allowed, check_fields, ranges, show
 
@@ -322,6 +322,8 @@ def setup(cfg: TrainConfig) -> Runtime:
         flag_group = dist.new_group(backend="gloo")          # flags stay on the CPU: no GPU sync
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cpu":
+        keep_freed_memory()                                  # no page-fault tax per step (hardware.py)
     return Runtime(device, resolve_dtype(cfg.dtype, device), rank, local_rank, world_size, ddp, flag_group)
 
 

@@ -1,8 +1,15 @@
 """The layer benchmark runs and compares what it says it compares (no timing is asserted)."""
 
+from pathlib import Path
+import platform
+import subprocess
+import sys
+
 import pytest
 
 from minimoe import bench
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bench_matches_params_and_flops_and_prints_a_table(capsys):
@@ -21,6 +28,12 @@ def test_bench_matches_params_and_flops_and_prints_a_table(capsys):
     assert erc["extra"] == 6 * 4 ** 2 * 96 * 192 and erc["flops_tok"] == moe["flops_tok"]
     assert all(r["extra"] == 0 for r in rows if r["kind"] != "moe+erc")
     assert abs(low["params"] / moe["params"] - 1) < 0.03        # Table 2 control: Eq. 5 widths
+    assert low["width"] == aoe_p["width"]                       # ... AoE's own expert widths
+    # the summary lines: time and FLOP ratios of the three pairs, computed from the rows above
+    line = next(l for l in out.splitlines() if "aoe=P / moe-lowrank:" in l)
+    t, f = aoe_p["ms"] / low["ms"], aoe_p["flops_tok"] / low["flops_tok"]
+    assert f"time x{t:.3f}, FLOPs x{f:.3f}, time/FLOPs {t / f:.3f}" in line
+    assert "moe / dense:" in out and "aoe=P / moe:" in out
 
 
 def test_bench_shows_the_cost_of_fp32_scores_under_autocast(capsys):
@@ -41,3 +54,53 @@ def test_layers_are_timed_interleaved_in_rotated_order():
     medians = bench.time_steps(steps, repeats=3, warmup=1)
     assert calls == [0, 1, 2] + [0, 1, 2, 1, 2, 0, 2, 0, 1]      # warmup, then rounds rotated by one
     assert len(medians) == 3 and all(m >= 0 for m in medians)
+
+
+def test_bench_times_a_chosen_subset_and_refuses_unknown_layers(capsys):
+    rows = bench.main(["--tokens=64", "--n_embd=96", "--d_ffn=192", "--configs=4,2,32", "--repeats=1",
+                       "--layers=aoe=P,dense", "--dispatch=loop"])
+    assert sorted((r["kind"], r["dispatch"]) for r in rows) == [("aoe=P", "loop"), ("dense", "-"), ("moe", "loop")]
+    with pytest.raises(SystemExit):
+        bench.main(["--layers=aoe,dense", "--repeats=1"])
+    assert "--layers: 'aoe' not among moe, aoe=P" in capsys.readouterr().err
+
+
+def test_bench_profiles_the_layers_asked_for(capsys):
+    bench.main(["--tokens=64", "--n_embd=96", "--d_ffn=192", "--configs=4,2,32", "--repeats=1",
+                "--layers=aoe=P", "--dispatch=loop", "--profile=aoe=P"])
+    out = capsys.readouterr().out
+    assert out.count("# profile:") == 1 and "# profile: aoe=P (loop)" in out
+    assert "| aten::mm |" in out                      # the experts' matmuls are among the top ops
+    with pytest.raises(SystemExit):
+        bench.main(["--profile=aoe", "--repeats=1"])
+    assert "--profile: 'aoe' not among moe, aoe=P" in capsys.readouterr().err
+
+
+RSS_AFTER_FREE = """
+import sys, torch
+from minimoe.hardware import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+def rss_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+base = rss_mib()
+x = torch.ones(64 * 2**20 // 4)          # 64 MiB, written: resident
+del x
+print(kept, rss_mib() - base)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="keep_freed_memory acts on glibc's malloc only (elsewhere it returns False)")
+def test_keep_freed_memory_keeps_a_freed_buffer_mapped():
+    # glibc's default unmaps a freed 64 MiB buffer (resident memory drops back); after keep_freed_memory
+    # it stays mapped for the next step's tensor of that size. Each case in a fresh process.
+    out = {}
+    for mode in ("default", "keep"):
+        r = subprocess.run([sys.executable, "-c", RSS_AFTER_FREE, mode], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120)
+        assert r.returncode == 0, r.stderr
+        kept, grown = r.stdout.split()
+        out[mode] = (kept == "True", float(grown))
+    assert out["default"][0] is False and out["default"][1] < 16, out     # returned to the OS
+    assert out["keep"][0] is True and out["keep"][1] > 48, out            # still mapped
