@@ -1,7 +1,7 @@
 """The notebooks: committed with their outputs, and they run top to bottom, headless, without error.
 
-Executing them trains two small models (shared by the three notebooks through a cache in a temporary
-folder), so this is the slowest file of the suite: about 3-4 minutes on two CPU cores. The
+Executing them trains two small models shared by all four notebooks through a cache in a temporary folder
+(and notebook 04 one more of its own), so this is the slowest file of the suite: about 4-5 minutes on two CPU cores. The
 notebooks run in a temporary working directory, so the figures they export never overwrite the
 committed ones in notebooks/figures/.
 """
@@ -17,10 +17,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NB_DIR = ROOT / "notebooks"
-NOTEBOOKS = ["01_low_rank_factorization", "02_norm_ranking", "03_router_vs_autonomy"]
+NOTEBOOKS = ["01_low_rank_factorization", "02_norm_ranking", "03_router_vs_autonomy", "04_gradients_and_successors"]
 # What a notebook may import: minimoe, the numeric/plotting stack and the standard library.
 ALLOWED_IMPORTS = {"minimoe", "torch", "numpy", "matplotlib", "IPython", "copy", "math", "sys", "pathlib",
-                   "tempfile", "time", "dataclasses"}
+                   "tempfile", "time", "dataclasses", "json"}
 
 
 def read(name):
@@ -71,7 +71,7 @@ def test_notebooks_import_minimoe_and_copy_no_model_code(name):
 
 
 def test_notebooks_share_their_runs():
-    """The three notebooks train with the same settings, so the cache trains each model once."""
+    """The notebooks train with the same settings, so the cache trains each model once."""
     settings = []
     for name in NOTEBOOKS:
         code = code_of(read(name))
@@ -79,12 +79,13 @@ def test_notebooks_share_their_runs():
         run = re.search(r"^RUN = TrainConfig\((.*?)\)$", code, re.M | re.S)
         assert tiny and run, name
         settings.append((tiny.group(0), " ".join(run.group(1).split())))
-    assert settings[0] == settings[1] == settings[2]
+    assert all(s == settings[0] for s in settings), settings
 
 
 @pytest.mark.parametrize("name,figure", [("01_low_rank_factorization", "01_spectrum.png"),
                                          ("02_norm_ranking", "02_norm_ranking.png"),
-                                         ("03_router_vs_autonomy", "03_bytes_by_expert.png")])
+                                         ("03_router_vs_autonomy", "03_bytes_by_expert.png"),
+                                         ("04_gradients_and_successors", "04_gradients_and_successors.png")])
 def test_readme_figures_exist(name, figure):
     path = NB_DIR / "figures" / figure
     assert path.is_file() and path.stat().st_size < 300_000
@@ -95,7 +96,7 @@ def test_readme_figures_exist(name, figure):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A working directory and a model cache shared by the three executions."""
+    """A working directory and a model cache shared by the notebooks' executions."""
     return tmp_path_factory.mktemp("notebooks")
 
 
@@ -228,3 +229,68 @@ def test_03_router_vs_autonomy_runs(run_notebook, workdir):
     tuned = float(losses["MoE -> AoE d_low=24 + 100 steps"])
     assert tuned < converted                                  # fine-tuning recovers from the conversion
     assert images_of(nb) >= 5 and (workdir / "figures" / "03_bytes_by_expert.png").is_file()
+
+
+def test_04_gradients_and_successors_runs(run_notebook, workdir):
+    nb = run_notebook("04_gradients_and_successors")
+    out = text_of(nb)
+    g = r"(0 \(exactly\)|\d\.\d\de[+-]\d\d)"                  # a gradient norm as printed: exact zero or x.xxe-yy
+    num = lambda v: 0.0 if v.startswith("0 (") else float(v)   # noqa: E731
+    # 1: one token, LM loss only: the losers' W_up, W_p, W_o get exactly 0 in every layer, W_down at most rounding
+    layers = re.findall(r"^layer \d: winners \[\d, \d\]; the 6 losers' W_up, W_p, W_o gradients == 0 exactly: (True|False); "
+                        r"losers' W_down: largest " + g + r" \(the winners' smallest: (\d\.\d\de[+-]\d\d)\)$", out, re.M)
+    assert len(layers) == 4, layers
+    assert all(z == "True" and num(lo) < 1e-6 < 0.1 < float(w) for z, lo, w in layers), layers
+    # 1b: the hand computation is the layer; the two paths add up to the total; the gate path is parallel to a_i,
+    # carries less than the W_up path, and dL/d||a_i|| of the two winners cancel
+    for check in ("same output as minimoe's layer: True", "same gradients as the model's backward for W_down, W_up, "
+                  "W_p, W_o: True", "dL/dW_down^i == outer(x, dL/da_i): True", "gate part + W_up part == total: True"):
+        assert check in out, check
+    split = re.findall(r"^\d\s+(\d\.\d{4})\s+(\d\.\d{4})\s+(\d\.\d{4})\s+(\d\.\de-\d\d)\s+([+-]\d\.\d{4})\s+([+-]1\.000)$",
+                       out, re.M)
+    assert len(split) == 2, split
+    assert all(float(gate) < float(up) <= float(total) and float(s_) < 1e-6 for total, gate, up, s_, _, _ in split)
+    assert sorted(c for *_, c in split) == ["+1.000", "-1.000"] and float(split[0][4]) == -float(split[1][4])
+    assert abs(float(re.search(r"dL/d\|\|a_i\|\| of the two winners sums to ([+-]\d\.\de[+-]\d\d)", out).group(1))) < 1e-6
+    # 1c: Alg. 2's softmax over the winners gives exactly 0; the renormalized softmax over all E only rounding
+    assert "Alg. 2's form: the losers' W_down gradient == 0 exactly in every layer: True" in out
+    fp32, fp64 = map(float, re.search(r"minimoe's form: at most (\S+) in fp32 and (\S+) in fp64", out).groups())
+    assert fp32 < 1e-6 and fp64 < 1e-12
+    # 2: the losers' expert weights stay exactly 0 in every setting; their scorer rows get a real gradient
+    # without renormalization and with Eq. 6, only rounding otherwise
+    rows = re.findall(r"^(AOE|MOE)\s+(renormalized|not renormalized)\s+(0|0\.01)\s+(W_down|W_r\[i\])\s+(\S+)\s+" + g +
+                      r"\s+W_\w+, W_p, W_o\s+(True|False)$", out, re.M)
+    assert len(rows) == 6, rows
+    for model, gates, alpha, _, win, lose, rest in rows:
+        assert rest == "True" and float(win) > 1e-3, (model, gates, alpha)
+        if gates == "renormalized" and alpha == "0":
+            assert num(lose) < 1e-6, (model, lose)
+        else:
+            assert num(lose) > 1e-3, (model, gates, alpha, lose)
+    pairs = re.findall(r"^  layer \d: \|\|grad W_r\[i\]\|\| = (\d\.\d{4}) and (\d\.\d{4}), cosine (-?\d\.\d{4})$", out, re.M)
+    assert len(pairs) == 4 and all(a == b and c == "-1.0000" for a, b, c in pairs), pairs
+    assert "winners pushed down: True; losers pushed up: True" in out
+    # 3: the bias is no parameter and gets no gradient; one update is the formula; on a skewed router the
+    # load entropy rises to about log 8 through bias updates alone, and the gates stay unbiased
+    for check in ("requires_grad: False; among the parameters the optimizer gets: False; in the state dict (saved with "
+                  "the model): True", "expert_bias.grad is None: True", "update_biases gave b + gamma * sign(mean(c) - c): True",
+                  "the scores never changed: True", "(the bias never enters them): True"):
+        assert check in out, check
+    ent = [float(e) for e in re.findall(r"^(?:0|1|10|50|100|200|300)\s+(\d\.\d{3})\s+\d+\.\d%\s+\d+\.\d%\s+[+-]", out, re.M)]
+    assert len(ent) == 7 and ent[0] < ent[1] < ent[2] and ent[-1] > ent[0] + 0.05 and ent[-1] >= 2.07, ent
+    # 4: ERC is zero when the margins hold; 50 steps of ERC alone, and ERC in training, satisfy every margin;
+    # trained with ERC, the router agrees more with the experts' norm ranking (the notebook's claim, one seed)
+    assert "M_ok: ERC loss (alpha = 1) = 0.0000" in out and "M_bad: ERC loss (alpha = 1) = 0.0556" in out
+    after = re.findall(r"^\d\s+after 50 ERC steps\s+(\d\.\d{4})\s+(\d+)\s+(\d)\s+", out, re.M)
+    assert len(after) == 4 and all(lo == "0.0000" and v == "0" and own == "8" for lo, v, own in after), after
+    trained = re.findall(r"^\d\s+moe\+erc\s+(\d\.\d{4})\s+(\d+)\s+(\d\.\d{3})\s+(\d\.\d{3})$", out, re.M)
+    assert len(trained) == 4 and all(lo == "0.0000" and v == "0" for lo, v, _, _ in trained), trained
+    assert re.search(r"val loss at step 0: moe (\d\.\d{4}), moe\+erc \1 \(the same init\)", out)
+    moe_ov, erc_ov = map(float, re.search(r"mean top-2 overlap over the 4 layers: moe (\d\.\d{3}), moe\+erc (\d\.\d{3})",
+                                          out).groups())
+    assert erc_ov > moe_ov
+    # 5: the committed studies: seven one-seed variants, and the paired 5-seed rows
+    assert len(re.findall(r"^(moe|aoe|moe\+bias|aoe\+bias|moe\+erc|moe-lowrank|moe-bigrouter)\s+\d\.\d{4}\s+(-|[+-]\d\.\d{4})"
+                          r"\s+\d\.\d{3}\s+\d\.\d{3}$", out, re.M)) == 7
+    assert len(re.findall(r"[+-]\d\.\d{4} ± \d\.\d{4} \(n=5\)", out)) == 3
+    assert images_of(nb) >= 4 and (workdir / "figures" / "04_gradients_and_successors.png").is_file()
