@@ -108,11 +108,13 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class _RowNorms(torch.autograd.Function):
-    """||v|| over the last dim, with a one-pass backward: grad_v = v * (grad / ||v||).
+    """||v|| over the last dim, with a two-pass backward: grad_v = grad * (v / ||v||).
 
-    torch's own norm backward runs a division, a masked_fill for zero norms and a multiply, each over
-    the whole input; for AoE's (N, E, L) cache that was a visible share of the layer (issue 12).
-    At v = 0 both use the subgradient 0. Tests hold it equal to torch.linalg.vector_norm."""
+    torch's own backward computes the same expression in the same order (so training is bit-for-bit what
+    it was with `a.norm(dim=-1)`), plus a masked_fill over the whole input for zero norms; for AoE's
+    (N, E, L) cache that pass and its temporary were a visible share of the layer (issue 12). Here a zero
+    norm is clamped to the smallest normal float instead: 0 / tiny = 0, the same subgradient 0.
+    Tests hold values and gradients bit-equal to torch.linalg.vector_norm's."""
 
     @staticmethod
     def forward(ctx, a):
@@ -123,8 +125,8 @@ class _RowNorms(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, norms = ctx.saved_tensors
-        scale = grad / norms.clamp_min(torch.finfo(norms.dtype).tiny)    # 0 where the norm is 0
-        return a * scale.unsqueeze(-1).to(a.dtype)
+        unit = a / norms.clamp_min(torch.finfo(norms.dtype).tiny).unsqueeze(-1)   # v / ||v||, 0 where v = 0
+        return grad.unsqueeze(-1) * unit
 
 
 def row_norms(a: torch.Tensor) -> torch.Tensor:
