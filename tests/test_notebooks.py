@@ -1,7 +1,8 @@
 """The notebooks: committed with their outputs, and they run top to bottom, headless, without error.
 
-Executing them trains two small models shared by all four notebooks through a cache in a temporary folder
-(and notebook 04 one more of its own), so this is the slowest file of the suite: about 4-5 minutes on two CPU cores. The
+Executing them trains two small models shared by all four notebooks through a cache in a temporary folder,
+notebook 02 two more (its seed check) and notebook 04 one more (an ERC run), so this is the slowest file of the
+suite: about 5-6 minutes on two CPU cores. The
 notebooks run in a temporary working directory, so the figures they export never overwrite the
 committed ones in notebooks/figures/.
 """
@@ -193,8 +194,49 @@ def test_02_norm_ranking_runs(run_notebook, workdir):
     sym = dict(re.findall(r"^  (router \(trained\)|L2 norm of .+?)\s+(\d\.\d\d)$", out, re.M))
     assert sym["router (trained)"] == "0.00" and sym["L2 norm of x W_g"] == sym["L2 norm of x W_p"] == "1.00"
     assert sym["L2 norm of SiLU(x W_g)"] != "1.00"
-    assert len(re.findall(r"^L2 norm of x W_[gp], (positive|negative) part\s", out, re.M)) == 4
+    assert len(re.findall(r"^L2 norm of x W_[gp], (positive|negative) part\s+-?\d+% \[", out, re.M)) == 4
     assert (workdir / "figures" / "02_norm_ranking.png").is_file()
+    check_02_seeds(out)
+
+
+def check_02_seeds(out):
+    """Notebook 02's seed check: the claims its prose makes about three trainings of the MoE."""
+    seeds = re.findall(r"^seed\s+(\d+): router (\d\.\d{4}) \(the run logged (\d\.\d{4})\)", out, re.M)
+    assert [s for s, _, _ in seeds] == ["1337", "2", "3"] and all(a == b for _, a, b in seeds), seeds
+    rows = re.findall(r"^(L\S+ norm of .+?)((?:\s+-?\d+%){3})\s+(-?\d+) ± (\d+)\s+(\d+\.\d)\s+(\d+\.\d)\s+(\d)/3$",
+                      out, re.M)
+    assert len(rows) == 9 + 11, rows                         # softmax gates: 9 rules; equal: the 9 + 2 parts
+    for label, per_seed, mean, _, batch, sd, _ in rows:
+        gaps = [int(v) for v in re.findall(r"-?\d+", per_seed)]
+        assert abs(sum(gaps) / 3 - int(mean)) <= 1, (label, gaps, mean)
+        assert float(sd) > float(batch), label               # the seed moves a gap more than the batches do
+    softmax, equal = rows[:9], rows[9:]
+    above = {label: int(a) for label, *_, a in softmax}
+    assert above.pop("L1 norm of x W_g") == 2 and set(above.values()) == {3}, above   # only L1 ever below random
+    assert all(int(row[-1]) == 3 for row in equal), equal
+    best = re.search(r"^softmax gates, best rule: seed 1337: (.+?); seed 2: (.+?); seed 3: (.+)$", out, re.M)
+    assert best.group(1) == "Linf norm of x W_g" and len(set(best.groups())) == 3, best.groups()
+    num = r"([+-]\d+\.\d)"
+    paired = {label: ([float(v) for v in d], float(m), float(ci), int(n)) for label, *d, m, ci, n in re.findall(
+        rf"^  (.+?)\s+{num}\s+{num}\s+{num}\s+{num} ± (\d+\.\d)\s+(\d)/3$", out, re.M)}
+    assert len(paired) == 9 + 4 + 3, paired
+    holds = lambda name: paired[name][3]                     # seeds on which the difference is positive
+    excludes_0 = {name for name, (_, m, ci, _) in paired.items() if abs(m) > ci}
+    assert excludes_0 == {"x W_g positive part - negative part", "x W_down rank 16 - x W_g (L2)",
+                          "L1 - L2 norm of x W_g"}, excludes_0
+    assert holds("x W_g positive part - negative part") == 3 and holds("x W_g positive part - whole x W_g") == 0
+    assert holds("x W_down rank 16 - x W_g (L2)") == holds("x W_down rank 16 - rank 4") == 3
+    assert holds("L1 - L2 norm of x W_g") == 0 and holds("Linf - L2 norm of x W_g") in (1, 2)
+    always = {r for r in ("L2 norm of x W_g", "L2 norm of x W_p", "L2 norm of SiLU(x W_g)",
+                          "L2 norm of SiLU(x W_g) * x W_p", "L2 norm of E_i(x)",
+                          "L2 norm of x W_down (rank-4 SVD of W_g)", "L2 norm of x W_down (rank-16 SVD of W_g)",
+                          "L1 norm of x W_g", "Linf norm of x W_g") if holds(r) == 3}
+    assert always == {"L2 norm of SiLU(x W_g) * x W_p", "L2 norm of x W_p", "L2 norm of x W_down (rank-4 SVD of W_g)",
+                      "L1 norm of x W_g"}, always               # equal gates beat the softmax on all 3 seeds
+    ranks = dict(re.findall(r"^(L\S+ norm of .+?)((?:\s+\d){6})$", out, re.M))
+    soft = {label: [int(v) for v in r.split()[:3]] for label, r in ranks.items()}
+    assert len(soft) == 9 and soft["L1 norm of x W_g"] == [9] * 3 and soft["L2 norm of x W_p"] == [7] * 3
+    assert max(soft["L2 norm of E_i(x)"] + soft["L2 norm of x W_down (rank-16 SVD of W_g)"]) <= 3
 
 
 def test_03_router_vs_autonomy_runs(run_notebook, workdir):
