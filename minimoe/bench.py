@@ -100,6 +100,12 @@ def profile_table(step, steps: int = 5, rows: int = 12) -> str:
     return "\n".join(lines)
 
 
+def layer_names(amp: bool = False) -> list[str]:
+    """The rows bench_rows times, by name, in order (what --layers and --profile may name)."""
+    base = ["moe", "aoe=P", "aoe=F", "dense", *COST_VARIANTS]
+    return base + ([f"{n} bf16-scores" for n in base[:2]] if amp else [])
+
+
 def bench_rows(D, F, E, K, L, tokens, device, dtype, repeats, dispatches, amp=False, layers=None, profile=()):
     base = GPTConfig(n_layer=1, n_head=1, n_embd=D, n_experts=E, top_k=K, d_ffn=F, d_low=L,
                      aux_loss_coef=0.01)
@@ -221,7 +227,7 @@ def main(argv=None):
             p.error(f"--dispatch={args.dispatch}: torch._grouped_mm does not run here for this dtype; use loop")
         dispatches = [args.dispatch]
     layers = [n for n in args.layers.split(",") if n]
-    known = ["moe", "aoe=P", "aoe=F", "dense", *COST_VARIANTS] + (["moe bf16-scores", "aoe=P bf16-scores"] if amp else [])
+    known = layer_names(amp)
     profiled = [n for n in args.profile.split(",") if n]
     for flag, names in (("--layers", layers), ("--profile", profiled)):
         bad = [n for n in names if n not in known]

@@ -71,10 +71,10 @@ def keep_freed_memory() -> bool:
     PyTorch's CPU allocator is plain malloc. glibc maps every buffer over 32 MiB separately and unmaps
     it on free (and trims the heap top), so the next step's tensor of the same size is mapped afresh
     and page-faults on every first write: a (tokens x hidden) activation of 4096 x 1024 fp32 is such a
-    buffer. In `python -m minimoe.bench` (4096 tokens, hidden 1024) this tax was about a quarter of a
-    layer's forward+backward, and it falls on element-wise work (SiLU, products) that writes fresh
-    buffers, so it inflated the wider AoE layer more than the MoE. Afterwards the process keeps its peak
-    memory mapped, which a training loop reaches every step anyway.
+    buffer. In `python -m minimoe.bench` (4096 tokens, hidden 1024) this tax was 22-28% of the MoE
+    layer's forward+backward, most of it in element-wise work (SiLU, products) that writes fresh
+    buffers. Afterwards the process keeps its peak memory mapped, which a training loop reaches every
+    step anyway.
 
     Process-wide and idempotent, like torch.set_num_threads. Returns True where it took effect (Linux
     with glibc), False elsewhere (macOS, Windows, musl), where it does nothing.

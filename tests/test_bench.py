@@ -16,6 +16,7 @@ def test_bench_matches_params_and_flops_and_prints_a_table(capsys):
     rows = bench.main(["--tokens=64", "--n_embd=96", "--d_ffn=192", "--configs=4,2,32", "--repeats=1"])
     out = capsys.readouterr().out
     assert "| moe |" in out and "| aoe=P |" in out and "| dense |" in out
+    assert list(dict.fromkeys(r["kind"] for r in rows)) == bench.layer_names()   # the names --layers accepts
     by = {(r["kind"], r["dispatch"]): r for r in rows}
     moe, aoe_p, aoe_f, dense = (next(r for k, r in by.items() if k[0] == n) for n in ("moe", "aoe=P", "aoe=F", "dense"))
     assert abs(aoe_p["params"] / moe["params"] - 1) < 0.03      # matched total parameters (Eq. 5)
@@ -39,6 +40,7 @@ def test_bench_matches_params_and_flops_and_prints_a_table(capsys):
 def test_bench_shows_the_cost_of_fp32_scores_under_autocast(capsys):
     rows = bench.main(["--tokens=64", "--n_embd=96", "--d_ffn=192", "--configs=4,2,32", "--repeats=1", "--dtype=amp"])
     kinds = {r["kind"] for r in rows}
+    assert kinds == set(bench.layer_names(amp=True))
     assert {"moe bf16-scores", "aoe=P bf16-scores"} <= kinds and "| moe bf16-scores |" in capsys.readouterr().out
 
 
