@@ -493,7 +493,14 @@ def train_or_load(model_config, train_config, name: str, cache_dir=None) -> dict
     new run. A run counts as done once result.json is written (after training returned); anything
     else in that folder is an interrupted attempt and is trained again from scratch.
     Returns {"model" (eval mode), "log" (log.jsonl rows), "result" (train()'s final metrics),
-    "out_dir", "cached" (True if loaded)}."""
+    "out_dir", "cached" (True if loaded)}.
+    The caller's torch RNG is left as it was, trained or loaded, so what a notebook draws afterwards does
+    not depend on whether its cache was warm."""
+    with torch.random.fork_rng(devices=[]):    # CPU generator only: the runs here train on the CPU
+        return _train_or_load(model_config, train_config, name, cache_dir)
+
+
+def _train_or_load(model_config, train_config, name: str, cache_dir=None) -> dict:
     from .data import default_cache_dir, writing   # lazy: the analysis helpers above need no I/O
     from .plots import read_log
     from .train import load_model, train

@@ -336,11 +336,18 @@ def test_train_or_load_trains_once_then_reuses_the_run(tmp_path, monkeypatch):
                    top_k=2, d_ffn=16)
     tc = TrainConfig(data=str(text), max_iters=4, eval_interval=2, eval_iters=1, batch_size=2, warmup_iters=1,
                      threads=1, sample_tokens=0, progress=False)
+    torch.manual_seed(123)
     first = train_or_load(mc, tc, name="tiny")
+    after_training = torch.rand(3)
     assert not first["cached"] and first["out_dir"].parent == tmp_path / "cache" / "runs"
     assert [r["iter"] for r in first["log"]] == [0, 2, 4] and not first["model"].training
+    torch.manual_seed(123)
     second = train_or_load(mc, tc, name="tiny")
+    after_loading = torch.rand(3)
     assert second["cached"] and second["out_dir"] == first["out_dir"]
+    # the caller's RNG is untouched either way: what a notebook draws next does not depend on its cache
+    torch.manual_seed(123)
+    assert torch.equal(after_training, torch.rand(3)) and torch.equal(after_loading, after_training)
     assert second["result"]["val_loss"] == first["result"]["val_loss"]
     for a, b in zip(first["model"].state_dict().values(), second["model"].state_dict().values()):
         assert torch.equal(a, b)
