@@ -21,6 +21,11 @@ and, with --dtype=amp, "moe bf16-scores" / "aoe=P bf16-scores": the scores compu
 (fp32_scores=false), to show what computing them in fp32 (the default, torchtitan's choice) costs.
 FLOPs/token = 6 * parameters one token touches (forward 2, backward 4). AoE's extra work over MoE
 is the W_down of the E-K unselected experts, 2*(E-K)*D*L forward FLOPs per token (PAPER_NOTES).
+
+--split separates matmul time from everything else: it records the matmuls one forward+backward really
+runs (a TorchDispatchMode below autograd sees the backward's too), replays them alone in the same
+interleaved rounds, and reports "rest" = layer - matmuls (element-wise work, gathers, sorting, autograd).
+Their FLOPs, summed from the recorded shapes, equal the 6 * active-parameters rule to the FLOP (tested).
 """
 
 import argparse
@@ -28,10 +33,10 @@ from dataclasses import replace
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
-
-from contextlib import nullcontext
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .aoe import AoE
 from .dense import DenseFFN
@@ -84,6 +89,53 @@ def time_steps(steps: list, repeats: int, warmup: int = 2) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+MATMULS = ("mm", "addmm", "bmm", "baddbmm", "_grouped_mm")
+
+
+class _RecordMatmuls(TorchDispatchMode):
+    """Sees every aten op below autograd, so both the forward's and the backward's matmuls; keeps a copy of
+    the arguments of each matmul (same shapes, strides and group offsets) to run them again alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket.__name__ in MATMULS:
+            copy = lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a
+            self.calls.append((func, [copy(a) for a in args], {k: copy(v) for k, v in kwargs.items()}))
+        return func(*args, **kwargs)
+
+
+def record_matmuls(step) -> list:
+    """The matmuls one call of step runs (forward and backward), as (op, args, kwargs) to replay."""
+    with _RecordMatmuls() as rec:
+        step()
+    return rec.calls
+
+
+def matmul_flops(calls) -> int:
+    """2*M*N*K summed over the recorded matmuls: what the layer really multiplied, for comparison with the
+    6 * active-parameters rule the FLOPs/tok column uses. _grouped_mm: x (M, K) @ w (G, K, N) groups the
+    rows; x (K, M) @ g (M, N), the weight gradient, groups the reduction; either way the groups tile M."""
+    total = 0
+    for func, args, _ in calls:
+        a, b = args[-2:] if func.overloadpacket.__name__ in ("addmm", "baddbmm") else args[:2]
+        batch = a.shape[0] if a.dim() == 3 else 1
+        total += 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
+    return total
+
+
+def replay_step(calls):
+    """Runs only the recorded matmuls, without autograd: the layer's matmul time on its own."""
+    def step():
+        with torch.no_grad():
+            for func, args, kwargs in calls:
+                func(*args, **kwargs)
+    return step
+
+
 def profile_table(step, steps: int = 5, rows: int = 12) -> str:
     """torch.profiler's top ops by self CPU time over `steps` calls of `step`, per step (ms).
 
@@ -106,7 +158,8 @@ def layer_names(amp: bool = False) -> list[str]:
     return base + ([f"{n} bf16-scores" for n in base[:2]] if amp else [])
 
 
-def bench_rows(D, F, E, K, L, tokens, device, dtype, repeats, dispatches, amp=False, layers=None, profile=()):
+def bench_rows(D, F, E, K, L, tokens, device, dtype, repeats, dispatches, amp=False, layers=None, profile=(),
+               split=False):
     base = GPTConfig(n_layer=1, n_head=1, n_embd=D, n_experts=E, top_k=K, d_ffn=F, d_low=L,
                      aux_loss_coef=0.01)
     variants = [
@@ -131,18 +184,24 @@ def bench_rows(D, F, E, K, L, tokens, device, dtype, repeats, dispatches, amp=Fa
             built.append((name, cls, cfg, dispatch,
                           cls(replace(cfg, dispatch=dispatch if dispatch != "-" else "loop")).to(device, dtype)))
     steps = [make_step(layer, x, amp) for *_, layer in built]
-    seconds = time_steps(steps, repeats)
+    # --split: each layer's recorded matmuls replayed alone, timed in the same interleaved rounds
+    calls = [record_matmuls(step) for step in steps] if split else []
+    seconds = time_steps(steps + [replay_step(c) for c in calls], repeats)
+    seconds, mm_seconds = seconds[:len(steps)], seconds[len(steps):] or [None] * len(steps)
     for (name, _, _, dispatch, _), step in zip(built, steps):
         if name in profile:
             print(f"\n# profile: {name} ({dispatch}), E={E} K={K} d_low={L}\n{profile_table(step)}\n")
     rows = []
-    for (name, cls, cfg, dispatch, layer), sec in zip(built, seconds):
+    for (name, cls, cfg, dispatch, layer), sec, mm_sec, mm_calls in zip(built, seconds, mm_seconds,
+                                                                     calls or [None] * len(built)):
         active = layer.active_params()
         extra = layer.flops_per_forward_extra() if hasattr(layer, "flops_per_forward_extra") else 0
         width = cfg.wide_dim if cls is AoE or cfg.expert_gate == "lowrank" else cfg.ffn_dim
         rows.append(dict(E=E, K=K, L=L, kind=name, dispatch=dispatch, width=width,
                          params=sum(p.numel() for p in layer.parameters()), active=active, flops_tok=6 * active,
                          extra=extra, ms=sec * 1e3, tok_s=tokens / sec))
+        if split:   # matmul time alone, the rest (element-wise, gathers, sorting, autograd) by difference
+            rows[-1].update(mm_ms=mm_sec * 1e3, rest_ms=(sec - mm_sec) * 1e3, mm_flops=matmul_flops(mm_calls))
     ref = next(r for r in rows if r["kind"] == "moe" and r["dispatch"] == dispatches[0])
     for r in rows:
         r["vs_moe"] = ref["ms"] / r["ms"]   # > 1: faster than the MoE
@@ -152,14 +211,20 @@ def bench_rows(D, F, E, K, L, tokens, device, dtype, repeats, dispatches, amp=Fa
 
 
 def format_table(rows) -> str:
+    split = "mm_ms" in rows[0]
     head = ("| E | K | d_low | layer | dispatch | hidden | params | active | FLOPs/tok | extra FLOPs/step "
             "| ms fwd+bwd | tok/s | speed vs moe | time/FLOPs vs moe |")
-    lines = [head, "|" + "---|" * 14]
+    if split:
+        head += " matmul ms | rest ms | matmul GFLOP/s |"
+    lines = [head, "|" + "---|" * (17 if split else 14)]
     for r in rows:
         extra = f"{r['extra'] / 1e6:.1f}M" if r["extra"] else "-"
-        lines.append(f"| {r['E']} | {r['K']} | {r['L']} | {r['kind']} | {r['dispatch']} | {r['width']} | "
-                     f"{r['params'] / 1e6:.2f}M | {r['active'] / 1e6:.2f}M | {r['flops_tok'] / 1e6:.1f}M | {extra} | "
-                     f"{r['ms']:.1f} | {r['tok_s']:,.0f} | {r['vs_moe']:.2f} | {r['time_per_flop']:.2f} |")
+        line = (f"| {r['E']} | {r['K']} | {r['L']} | {r['kind']} | {r['dispatch']} | {r['width']} | "
+                f"{r['params'] / 1e6:.2f}M | {r['active'] / 1e6:.2f}M | {r['flops_tok'] / 1e6:.1f}M | {extra} | "
+                f"{r['ms']:.1f} | {r['tok_s']:,.0f} | {r['vs_moe']:.2f} | {r['time_per_flop']:.2f} |")
+        if split:
+            line += f" {r['mm_ms']:.1f} | {r['rest_ms']:.1f} | {r['mm_flops'] / r['mm_ms'] / 1e6:.0f} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -183,6 +248,12 @@ def format_summary(rows) -> str:
                 t, f = a["ms"] / b["ms"], a["flops_tok"] / b["flops_tok"]
                 lines.append(f"E={E} K={K} d_low={L}  {num} / {den}: time x{t:.3f}, FLOPs x{f:.3f}, "
                              f"time/FLOPs {t / f:.3f}   ({what})")
+                if "mm_ms" in a:   # --split: how much of that is matmul speed, how much everything else
+                    mt, mf = a["mm_ms"] / b["mm_ms"], a["mm_flops"] / b["mm_flops"]
+                    lines.append(f"    matmuls alone: time x{mt:.3f}, FLOPs x{mf:.3f} (as run), time/FLOPs "
+                                 f"{mt / mf:.3f};  the rest: {a['rest_ms']:.1f} vs {b['rest_ms']:.1f} ms "
+                                 f"({a['rest_ms'] - b['rest_ms']:+.1f} ms, {(a['rest_ms'] - b['rest_ms']) / b['ms']:+.1%} "
+                                 f"of {den}'s time)")
     return "\n".join(lines)
 
 
@@ -208,6 +279,9 @@ def main(argv=None):
                    "'aoe=P,dense' (the moe row, the reference, is always timed); empty = all")
     p.add_argument("--profile", default="", help="comma-separated layer names to run under torch.profiler "
                    "after timing: prints their top ops per step, e.g. --profile=moe,aoe=P")
+    p.add_argument("--split", action="store_true",
+                   help="also time each layer's matmuls alone (recorded from one forward+backward and replayed, "
+                        "interleaved with the layers): columns matmul ms, rest ms = the layer minus its matmuls")
     p.add_argument("--dispatch", default="", choices=["", "grouped", "loop"],
                    help="time one dispatch only (empty = grouped and loop where grouped runs)")
     args = p.parse_args(argv)
@@ -241,7 +315,7 @@ def main(argv=None):
     for E, K, L in configs:
         try:
             rows = bench_rows(args.n_embd, args.d_ffn, E, K, L, args.tokens, args.device, dtype, args.repeats, dispatches,
-                              amp, layers, profiled)
+                              amp, layers, profiled, args.split)
         except ValueError as e:
             p.error(f"config E={E},K={K},d_low={L}: {e}")
         all_rows += rows

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from minimoe import bench
 
@@ -106,3 +107,33 @@ def test_keep_freed_memory_keeps_a_freed_buffer_mapped():
         out[mode] = (kept == "True", float(grown))
     assert out["default"][0] is False and out["default"][1] < 16, out     # returned to the OS
     assert out["keep"][0] is True and out["keep"][1] > 48, out            # still mapped
+
+
+def test_split_replays_exactly_the_matmuls_the_flops_column_counts(capsys):
+    """--split records every matmul of one forward+backward (autograd's too) and replays them alone. What it
+    records must be what the FLOPs/tok column assumes, 6 x active parameters per token (2 forward, 4
+    backward), to the FLOP, for every layer: so the column is right, and the replay leaves nothing out."""
+    tokens = 64
+    rows = bench.main([f"--tokens={tokens}", "--n_embd=96", "--d_ffn=192", "--configs=4,2,32", "--repeats=1",
+                       "--split"])
+    out = capsys.readouterr().out
+    assert "| matmul ms | rest ms | matmul GFLOP/s |" in out and "matmuls alone: time x" in out
+    for r in rows:
+        assert r["mm_flops"] == tokens * r["flops_tok"] + r["extra"], r["kind"]   # ERC: + its fixed extra
+        assert r["mm_ms"] > 0 and abs(r["mm_ms"] + r["rest_ms"] - r["ms"]) < 1e-9
+
+
+def test_recorded_matmuls_count_grouped_and_weight_gradient_shapes():
+    """matmul_flops on hand-made calls: 2*M*K*N for mm and both _grouped_mm layouts, batch times that for bmm."""
+    from minimoe.dispatch import plan_dispatch
+    x, w = torch.randn(12, 8, requires_grad=True), torch.randn(3, 8, 4, requires_grad=True)   # 16-byte strides
+    plan = plan_dispatch(torch.tensor([0, 0, 1, 2, 2, 2, 1, 0, 1, 2, 0, 1])[:, None], 3)
+
+    def step():
+        y = torch._grouped_mm(x, w, offs=plan.offsets)             # (12, 4): rows grouped
+        (y.square().mean() + torch.bmm(w, w.transpose(1, 2)).sum()).backward()
+    calls = bench.record_matmuls(step)
+    names = [f.overloadpacket.__name__ for f, _, _ in calls]
+    assert names.count("_grouped_mm") == 3 and names.count("bmm") == 3   # forward, grad x, grad w (each)
+    assert bench.matmul_flops(calls) == 3 * 2 * 12 * 8 * 4 + 3 * 2 * 3 * 8 * 4 * 8
+    bench.replay_step(calls)()                                      # runs them again, no autograd
