@@ -64,14 +64,18 @@ def rank_profile(W: torch.Tensor) -> dict:
 
 def moe_to_aoe(moe: MoE, config: GPTConfig, d_low: int) -> AoE:
     """An AoE layer whose experts are the MoE's: W_down^i W_up^i = rank-d_low SVD of W_g^i,
-    W_p and W_o copied, d_wide = d_ffn. The router is dropped: the experts now rank themselves
-    by ||x W_down^i||. At d_low = n_embd each expert computes exactly what it did before."""
-    cfg = replace(config, ffn="aoe", d_low=d_low, d_wide=config.ffn_dim)
-    aoe = AoE(cfg).to(moe.w_g.device)
+    W_p and W_o copied, d_wide = the experts' width. The router is dropped (and with it the router-side
+    options of config): the experts now rank themselves by ||x W_down^i||. At d_low = n_embd each
+    expert computes exactly what it did before. A factorized MoE (expert_gate="lowrank") gives the
+    SVD of its product W_down^i W_up^i."""
+    cfg = replace(config, ffn="aoe", d_low=d_low, d_wide=moe.w_p.shape[-1],
+                  expert_gate="full", router="linear", erc_loss_coef=0.0)
     L = d_low
     with torch.no_grad():
+        w_g = moe.gate_matrix()                            # (E, D, H)
+        aoe = AoE(cfg).to(w_g.device)
         for i in range(moe.n_experts):
-            A, B = svd_factorize(moe.w_g[i], L)            # (D, L), (L, H)
+            A, B = svd_factorize(w_g[i], L)                # (D, L), (L, H)
             aoe.w_down[:, i * L:(i + 1) * L] = A
             aoe.w_up[i] = B
         aoe.w_p.copy_(moe.w_p)

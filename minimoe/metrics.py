@@ -16,7 +16,8 @@ activation at one node of Eq. 1:
 The K experts with the largest norms are selected and weighted by the softmax of their norms (as in
 AoE, Alg. 2). Rule.gates swaps the weighting alone (router softmax, norm softmax or equal gates), so a
 comparison can separate *which* experts a rule picks from *how* it weighs them; Rule.part ranks by the
-norm of the positive (or negative) entries of a node only, to test what the sign of x W contributes. Everything after the choice is the MoE's own experts, run by dispatch.py's pieces.
+norm of the positive (or negative) entries of a node only, to test what the sign of x W contributes.
+Everything after the choice is the MoE's own experts, run by dispatch.py's pieces.
 `evaluate_rule` swaps a whole model's selection rule and measures validation loss, plus how often
 the new rule picks the same experts as the router would have on the very same layer input.
 
@@ -71,7 +72,8 @@ def svd_down_weights(moe: MoE, rank: int) -> torch.Tensor:
     """Every expert's W_down^i (D, r): the left factor of the rank-r SVD of W_g^i, exactly as
     lowrank.moe_to_aoe builds it (A = U_r sqrt(S_r)).   -> (E, D, r)"""
     _check_moe(moe)
-    return torch.stack([svd_factorize(moe.w_g[i], rank)[0] for i in range(moe.n_experts)])
+    w_g = moe.gate_matrix()                                          # (E, D, H)
+    return torch.stack([svd_factorize(w_g[i], rank)[0] for i in range(moe.n_experts)])
 
 
 @torch.no_grad()
@@ -88,7 +90,7 @@ def node_activations(moe: MoE, x: torch.Tensor, node: str, rank: int | None = No
                 raise ValueError("node='svd_down' needs rank=r (1 <= r <= n_embd)")
             w_down = svd_down_weights(moe, rank)
         return torch.einsum("nd,edr->ner", x.float(), w_down)       # (N, E, r)
-    g = torch.einsum("nd,edh->neh", x, moe.w_g)                      # (N, E, H) x W_g^i
+    g = torch.einsum("nd,edh->neh", x, moe.gate_matrix())           # (N, E, H) x W_g^i
     if node == "x_wg":
         return g
     if node == "silu_x_wg":
@@ -230,7 +232,7 @@ def run_experts(moe: MoE, x: torch.Tensor, r: Routing) -> torch.Tensor:
     plan = plan_dispatch(r.experts, moe.n_experts)
     impl = resolve_impl(moe.dispatch, x)
     x_s = gather_rows(x, plan.token)                                    # (S, D)
-    g = grouped_mm(x_s, moe.w_g, plan, impl)                            # (S, H)
+    g = moe.gate_preactivation(x_s, plan, impl)                         # (S, H) x W_g^i
     y = swiglu_experts(x_s, g, moe.w_p, moe.w_o, plan, impl)            # (S, D)
     return combine(y, r.gates, plan, x.shape[0])                        # (N, D)
 

@@ -83,6 +83,11 @@ class MoE(nn.Module):
         """(W_g,) or, factorized, (W_down, W_up)."""
         return (self.w_g, None) if self.w_g is not None else (self.w_down, self.w_up)
 
+    def gate_matrix(self) -> torch.Tensor:
+        """W_g^i stacked, (E, D, H); factorized, the product W_down^i W_up^i. For analyses that read W_g
+        (metrics.py, lowrank.py); the forward never forms the product."""
+        return self.w_g if self.w_g is not None else self.w_down @ self.w_up
+
     def gate_preactivation(self, x_s, plan, impl):
         """x W_g^i per slot; two grouped matmuls when W_g is factorized.   x_s (S, D) -> (S, H)"""
         if self.w_g is not None:

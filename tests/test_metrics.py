@@ -137,6 +137,26 @@ def test_run_experts_matches_per_token_loop_for_any_choice():
         torch.testing.assert_close(y[n], ref.detach(), rtol=1e-4, atol=1e-4)
 
 
+def test_a_factorized_moe_is_analysed_through_its_product_w_down_w_up():
+    """moe-lowrank (Table 2's control: W_g^i = W_down^i W_up^i, no W_g stored) goes through the same
+    analyses: the nodes read the product, run_experts reproduces the layer, and moe_to_aoe at full rank
+    gives an AoE that chooses and computes like the SVD rule says."""
+    moe, cfg = make_moe(seed=6, expert_gate="lowrank", d_low=8)
+    assert moe.w_g is None
+    x = torch.randn(2, 7, D)
+    y_ref, _ = moe(x)
+    xf = x.view(-1, D)
+    w_g = moe.w_down @ moe.w_up                                     # (E, D, W) the product, by hand
+    torch.testing.assert_close(node_activations(moe, xf, "x_wg"), torch.einsum("nd,edh->neh", xf, w_g).detach())
+    r = select_experts(moe, xf, Rule("router"))
+    torch.testing.assert_close(run_experts(moe, xf, r).view_as(y_ref), y_ref)
+    aoe = moe_to_aoe(moe, cfg, D)                                   # full rank: the experts are unchanged
+    assert aoe.w_up.shape[-1] == moe.w_p.shape[-1] == cfg.wide_dim
+    aoe(x)
+    svd = select_experts(moe, xf, Rule("norm", "svd_down", rank=D))
+    assert torch.equal(svd.experts, aoe.last_routing.experts)
+
+
 def test_random_rule_is_uniform_reproducible_and_distinct():
     moe, _ = make_moe()
     x = torch.randn(3000, D)
