@@ -103,9 +103,12 @@ class _RecordMatmuls(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.overloadpacket.__name__ in MATMULS:
-            copy = lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a
-            self.calls.append((func, [copy(a) for a in args], {k: copy(v) for k, v in kwargs.items()}))
+            self.calls.append((func, [_copy(a) for a in args], {k: _copy(v) for k, v in kwargs.items()}))
         return func(*args, **kwargs)
+
+
+def _copy(a):
+    return a.detach().clone() if isinstance(a, torch.Tensor) else a   # clone keeps the strides
 
 
 def record_matmuls(step) -> list:
@@ -186,14 +189,12 @@ def bench_rows(D, F, E, K, L, tokens, device, dtype, repeats, dispatches, amp=Fa
     steps = [make_step(layer, x, amp) for *_, layer in built]
     # --split: each layer's recorded matmuls replayed alone, timed in the same interleaved rounds
     calls = [record_matmuls(step) for step in steps] if split else []
-    seconds = time_steps(steps + [replay_step(c) for c in calls], repeats)
-    seconds, mm_seconds = seconds[:len(steps)], seconds[len(steps):] or [None] * len(steps)
+    seconds = time_steps(steps + [replay_step(c) for c in calls], repeats)   # layers first, then replays
     for (name, _, _, dispatch, _), step in zip(built, steps):
         if name in profile:
             print(f"\n# profile: {name} ({dispatch}), E={E} K={K} d_low={L}\n{profile_table(step)}\n")
     rows = []
-    for (name, cls, cfg, dispatch, layer), sec, mm_sec, mm_calls in zip(built, seconds, mm_seconds,
-                                                                     calls or [None] * len(built)):
+    for i, ((name, cls, cfg, dispatch, layer), sec) in enumerate(zip(built, seconds)):
         active = layer.active_params()
         extra = layer.flops_per_forward_extra() if hasattr(layer, "flops_per_forward_extra") else 0
         width = cfg.wide_dim if cls is AoE or cfg.expert_gate == "lowrank" else cfg.ffn_dim
@@ -201,7 +202,8 @@ def bench_rows(D, F, E, K, L, tokens, device, dtype, repeats, dispatches, amp=Fa
                          params=sum(p.numel() for p in layer.parameters()), active=active, flops_tok=6 * active,
                          extra=extra, ms=sec * 1e3, tok_s=tokens / sec))
         if split:   # matmul time alone, the rest (element-wise, gathers, sorting, autograd) by difference
-            rows[-1].update(mm_ms=mm_sec * 1e3, rest_ms=(sec - mm_sec) * 1e3, mm_flops=matmul_flops(mm_calls))
+            mm_sec = seconds[len(built) + i]
+            rows[-1].update(mm_ms=mm_sec * 1e3, rest_ms=(sec - mm_sec) * 1e3, mm_flops=matmul_flops(calls[i]))
     ref = next(r for r in rows if r["kind"] == "moe" and r["dispatch"] == dispatches[0])
     for r in rows:
         r["vs_moe"] = ref["ms"] / r["ms"]   # > 1: faster than the MoE
