@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from .data import load_corpus
 from .model import GPTConfig
-from .train import FINAL_VAL_FILE, TrainConfig, data_fingerprint, parse_overrides, resolve_device
+from .train import FINAL_VAL_FILE, TrainConfig, data_fingerprint, parse_overrides, resolve_device, writable_folder
 from . import study as S
 
 SEEDS8, SEEDS5, TUNE_SEEDS = (1, 2, 3, 4, 5, 6, 7, 8), (1, 2, 3, 4, 5), (101, 102)
@@ -378,7 +378,7 @@ def main(argv) -> int:
             raise ValueError(f"--{name} is set by the study's arms: use {use} instead")
     device = resolve_device(cfg.device)
     grid = Grid(dc, base, cfg)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    writable_folder(cfg.out_dir)
     done = execute(grid, dc.chosen())
     command = shlex.join(["python", "-m", "minimoe.study", "decompose", *argv])
     rows = summarize(grid, done)

@@ -52,7 +52,7 @@ from .model import GPT, GPTConfig
 from .plots import (plot_entropy_per_layer, plot_final_losses, plot_loss_vs_cost, plot_losses,
                     plot_paired_differences, read_log)
 from .train import (TrainConfig, TrainingDiverged, _convert, data_fingerprint, grad_accum_steps, parse_overrides,
-                    resolve_device, train)
+                    resolve_device, train, writable_folder)
 from . import variants as variants_module
 
 
@@ -272,7 +272,12 @@ def load_result(run: Run) -> dict | None:
     path = run.dir / "result.json"
     if not path.exists():
         return None
-    r = json.loads(path.read_text())
+    try:
+        r = json.loads(path.read_text())
+        assert isinstance(r, dict)
+    except (ValueError, AssertionError):
+        raise ValueError(f"{path} is not a study result (damaged or edited JSON); delete it to train that run "
+                         f"again") from None
     return {**r, "tuned": run.tuned, "tuning": run.tuning} if r.get("key") == run.key else None
 
 
@@ -440,8 +445,7 @@ def main(argv=None) -> int:
         cfg = replace(cfg, sample_start="\n")
     variants, seeds, budgets = variant_list(grid.variants), seed_list(grid.seeds), budget_list(grid.budgets)
     points = tune_grid(grid.tune)
-    root = Path(cfg.out_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    root = writable_folder(cfg.out_dir)
     command = shlex.join(["python", "-m", "minimoe.study", name, *(a for a in argv if a.startswith("-"))])
     data = data_fingerprint(corpus)
     # every run's config is built (and so validated) before the first one trains

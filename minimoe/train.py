@@ -762,6 +762,19 @@ class OutDirLock:
             self.file = None
 
 
+def writable_folder(path, flag: str = "--out_dir") -> Path:
+    """Make `path` (and its parents) if needed and check that this process can create files in it: one line
+    naming it otherwise (a file in its place, a symlink loop, no permission)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):            # can this process create files here?
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}={path} is not a writable folder ({one_line(e, 120)}); use another {flag}") from None
+    return path
+
+
 @contextmanager
 def claim_out_dir(out_dir: Path, cfg: TrainConfig, checkpoint_bytes: int):
     """Rank 0, before step 0: the folder is writable, no other run uses it (held locked until the
@@ -769,13 +782,7 @@ def claim_out_dir(out_dir: Path, cfg: TrainConfig, checkpoint_bytes: int):
     save are removed, and the disk has room for a checkpoint."""
     if cfg.init_from == "resume" and not (out_dir / CHECKPOINT).exists():
         raise no_checkpoint(out_dir / CHECKPOINT)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):        # can this process create files here?
-            pass
-    except OSError as e:
-        raise ValueError(f"--out_dir={out_dir} is not a writable folder ({one_line(e, 120)}); use another "
-                         f"--out_dir") from None
+    writable_folder(out_dir)
     with OutDirLock(out_dir):
         refuse_overwrite(out_dir, cfg)
         for stale in out_dir.glob(f".{CHECKPOINT}.tmp*"):  # we hold the lock: no save is running
