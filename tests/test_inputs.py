@@ -496,11 +496,11 @@ def test_a_corrupt_progress_file_is_one_line(tmp_path, content, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "progress.json").write_text(content)
-    assert prepare.main(["text", str(src), f"--out_dir={out}"]) == 1
+    assert prepare.main(["text", str(src), f"--out_dir={out}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "progress.json" in err and "delete it" in err and "\n" not in err
     with pytest.raises(SystemExit, match="2"):                   # argparse's own usage error for a non-int
         prepare.main(["text", str(src), f"--out_dir={out}", "--shard_tokens=1e20"])
     capsys.readouterr()
-    assert prepare.main(["text", str(src), f"--out_dir={out}", f"--shard_tokens={2**40}"]) == 1
+    assert prepare.main(["text", str(src), f"--out_dir={out}", f"--shard_tokens={2**40}"]) == 2
     assert "--shard_tokens must be in [1, 2**31 - 1], got 1099511627776" in capsys.readouterr().err
