@@ -125,13 +125,13 @@ def _save_progress(out_dir, progress):
     (out_dir / JOURNAL).unlink(missing_ok=True)   # its lines are in progress.json now
 
 
-def check_own_files(out_dir):
+def check_own_files(out_dir, fix=None):
     """Refuse, before any work, an out_dir that is not a folder, or a file prepare writes that is a
     folder, a FIFO, a socket, a device or a symlink loop (writing or reading it would fail or block)."""
     out_dir = Path(out_dir)
     kind = "a file" if out_dir.is_file() else path_kind(out_dir)
     if kind and kind != "missing":
-        raise DataError(f"--out_dir={out_dir} is {kind}, not a folder; choose another --out_dir")
+        raise DataError(f"cannot write to {out_dir} (it is {kind}, not a folder); {fix or 'choose another --out_dir'}")
     if not out_dir.is_dir():
         return
     for p in out_dir.iterdir():
@@ -159,7 +159,7 @@ def write_shards(docs_from, out_dir, shard_name, shard_tokens, dtype, stream="al
     Whatever stops it (an error, Ctrl-C), the finished shards are recorded and a rerun continues.
     """
     out_dir = Path(out_dir)
-    check_own_files(out_dir)
+    check_own_files(out_dir, fix)
     with writing(out_dir, fix):
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(out_dir)              # half-written shards of an interrupted run
