@@ -103,11 +103,13 @@ def sample(cfg: SampleConfig) -> list[str]:
     Every input is checked before the model is loaded: the prompt, the device, the checkpoint's path."""
     start = read_prompt(cfg.start[5:]) if cfg.start.startswith("FILE:") else check_prompt(cfg.start)
     device = pick_device(cfg.device)
-    path = checkpoint_path(Path(cfg.out_dir).expanduser())     # ~ as --data expands it
-    kind = path_kind(path)
-    if kind not in (None, "missing"):     # a FIFO would block torch.load: name it instead
-        raise DataError(f"--out_dir={cfg.out_dir}: {path} is {kind}, not a checkpoint; point --out_dir at "
-                        f"a folder with {path.name}")
+    given = Path(cfg.out_dir).expanduser()                     # ~ as --data expands it
+    path = checkpoint_path(given)
+    for p in dict.fromkeys((given, path)):  # a FIFO would block torch.load: name it instead
+        kind = path_kind(p)
+        if kind not in (None, "missing"):
+            raise DataError(f"--out_dir={cfg.out_dir}: {p} is {kind}; point --out_dir at a folder with "
+                            f"{path.name} (or at the file itself)")
     model, ckpt = load_model(path, device)
     encode, decode = tokenizer_for(ckpt)
     block_size = model.config.block_size
