@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 
 from minimoe.presets import PRESETS, get_preset, size_line
-from minimoe.train import TrainConfig, TrainingDiverged, parse_overrides, resolve_device, train
+from minimoe.cli import parse_overrides
+from minimoe.runtime import resolve_device
+from minimoe.train import TrainConfig, TrainingDiverged, train
 from minimoe.validate import check_fields
 
 DEFAULT_PRESET = "gpt2-aoe"

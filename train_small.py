@@ -36,8 +36,10 @@ from minimoe.data import load_corpus
 from minimoe.model import GPT, GPTConfig
 from minimoe.study import laptop_model, laptop_train
 from minimoe.plots import plot_expert_load, plot_losses, plot_routing_entropy, read_log
-from minimoe.train import (TrainConfig, TrainingDiverged, parse_overrides, refuse_overwrite, resolve_device,
-                           train)
+from minimoe.cli import parse_overrides
+from minimoe.outdir import refuse_overwrite
+from minimoe.runtime import resolve_device
+from minimoe.train import TrainConfig, TrainingDiverged, train
 from minimoe.validate import check_fields, ranges
 from minimoe.variants import VARIANTS, variant_config, variants_help
 

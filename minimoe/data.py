@@ -56,6 +56,7 @@ Batches are CPU tensors; move them with x.to(device, non_blocking=True).
 from contextlib import contextmanager
 import hashlib
 import json
+import math
 import operator
 import os
 import re
@@ -69,6 +70,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .files import atomic_write, remove_stale_tmp
 
 BYTE_VOCAB_SIZE = 256
 GPT2_VOCAB_SIZE = 50257
@@ -155,55 +158,6 @@ def decode_bytes(tokens):
 # -----------------------------------------------------------------------------
 # shard files (shared with prepare.py)
 
-TMP_NAME = re.compile(r"\..+\.tmp(\d+)")    # .NAME.tmpPID: _atomic_write's (and train's ckpt) temp files
-
-
-def _atomic_write(path, chunks):
-    # write to a temp file and rename: a crash never leaves a half-written file under `path`
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:              # disk full, Ctrl-C: leave nothing behind (a kill -9 still can)
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)                # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError) as e:
-        return isinstance(e, PermissionError)      # another user's process is alive; a bad pid is not
-    return True
-
-
-def remove_stale_tmp(folder):
-    """Delete the temp files (`.NAME.tmpPID`, regular files only) that an interrupted write left in
-    `folder`: those whose process no longer runs on this machine. Returns the removed paths.
-    (A folder shared by several machines could hold another host's live temp file: don't share one
-    cache or prepare folder between machines that write it at the same time.)"""
-    folder, removed = Path(folder), []
-    if not folder.is_dir():
-        return removed
-    for p in folder.iterdir():
-        m = TMP_NAME.fullmatch(p.name)
-        if m and stat.S_ISREG(p.lstat().st_mode) and int(m[1]) != os.getpid() and not _pid_alive(int(m[1])):
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    if removed:
-        print(f"removed {len(removed)} temporary file(s) left in {folder} by an interrupted run: "
-              f"{', '.join(p.name for p in sorted(removed)[:3])}{' ...' if len(removed) > 3 else ''}",
-              file=sys.stderr)
-    return removed
-
-
 @contextmanager
 def writing(folder, fix=None):
     """Turn an OSError (read-only, full disk, a file where a folder should be) raised while writing
@@ -229,7 +183,7 @@ def write_shard(path, tokens):
                         f"use smaller shards")
     header = np.zeros(HEADER_WORDS, dtype="<i4")
     header[:4] = [SHARD_MAGIC, SHARD_VERSION, len(tokens), codes[tokens.dtype]]
-    _atomic_write(path, [header.tobytes(), tokens.tobytes()])
+    atomic_write(path, [header.tobytes(), tokens.tobytes()])
 
 
 def read_shard(path):
@@ -349,6 +303,15 @@ class Corpus:
         if self.vocab_size == BYTE_VOCAB_SIZE:
             return encode_bytes(text)
         return np.array(self._tiktoken().encode_ordinary(text), dtype=np.uint16)
+
+
+def bpb_factor(corpus: Corpus) -> float | None:
+    """Multiply a loss in nats/token by this to get bits per byte (a tokenizer-free unit).
+    Byte tokens: 1/ln 2. Other tokenizers: needs bytes_per_token in the corpus meta, else None."""
+    if corpus.meta.get("tokenizer", "byte") == "byte" and corpus.vocab_size == 256:
+        return 1 / math.log(2)
+    bpt = corpus.meta.get("bytes_per_token")
+    return 1 / (math.log(2) * bpt) if bpt else None
 
 
 def default_cache_dir():
@@ -475,7 +438,7 @@ def _build_stdlib(root, files, val_fraction, out):
             "sha256": sha.hexdigest(), "split": _split_rule(val_fraction),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.time() - t0, 3)}
-    _atomic_write(out / "meta.json", [json.dumps(meta, indent=2).encode()])  # last: marks the cache complete
+    atomic_write(out / "meta.json", [json.dumps(meta, indent=2).encode()])  # last: marks the cache complete
     return meta
 
 
@@ -492,7 +455,7 @@ def _download_shakespeare(cache_dir):
             raise DataError(f"downloading Tiny Shakespeare from {SHAKESPEARE_URL} failed ({e}); "
                             f"if you are offline pass --data=PATH to a local text file instead") from None
         with writing(path.parent):
-            _atomic_write(path, [data])
+            atomic_write(path, [data])
     return path
 
 

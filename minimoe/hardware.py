@@ -5,7 +5,7 @@ The peaks are the vendors' dense (no 2:4 sparsity) tensor-core numbers in bf16 w
 accumulation, which is what bf16 autocast runs; chips without bf16 list their fp16 figure.
 A CPU has no entry: its "peak" depends on cores, clocks and vector units, so MFU is None there.
 
-Also here, for CPU runs: keep_freed_memory(), which stops glibc from unmapping large freed buffers
+Also here: format_bytes() for messages about memory and disk, and, for CPU runs, keep_freed_memory(), which stops glibc from unmapping large freed buffers
 (a page-fault tax on every step's activations; see its docstring).
 """
 
@@ -63,6 +63,11 @@ def mfu(flops_per_token: float, tokens_per_sec: float, peak: float | None) -> fl
     if not peak or not tokens_per_sec:
         return None
     return flops_per_token * tokens_per_sec / peak
+
+
+def format_bytes(n: float) -> str:
+    """Bytes for people: '3.2 GiB', or '512 MiB' below a GiB."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def keep_freed_memory() -> bool:

@@ -505,7 +505,8 @@ def train_or_load(model_config, train_config, name: str, cache_dir=None) -> dict
 def _train_or_load(model_config, train_config, name: str, cache_dir=None) -> dict:
     from .data import default_cache_dir, writing   # lazy: the analysis helpers above need no I/O
     from .plots import read_log
-    from .train import load_model, train
+    from .checkpoint import load_model
+    from .train import train
 
     settings = {"model": asdict(model_config),
                 "train": {k: v for k, v in asdict(train_config).items() if k not in ("out_dir", "progress")}}

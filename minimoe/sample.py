@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from .data import DataError, decode_bytes, encode_bytes
-from .train import load_model, parse_overrides, resolve_device
+from .checkpoint import load_model
+from .cli import parse_overrides
+from .runtime import resolve_device
 from .validate import check_fields, ranges
 
 

@@ -50,8 +50,9 @@ from .data import load_corpus
 from .model import GPT, GPTConfig
 from .plots import (plot_entropy_per_layer, plot_final_losses, plot_loss_vs_cost, plot_losses,
                     plot_paired_differences, read_log)
-from .train import (TrainConfig, TrainingDiverged, _convert, grad_accum_steps, parse_overrides, resolve_device,
-                    train)
+from .cli import parse_overrides, parse_value
+from .runtime import resolve_device
+from .train import TrainConfig, TrainingDiverged, grad_accum_steps, train
 from . import variants as variants_module
 
 
@@ -171,7 +172,7 @@ def tune_grid(text: str) -> list[dict]:
         if name not in hints or name in UNTUNABLE or not values:
             raise ValueError(f"--tune={text!r} is invalid: write FIELD=v1,v2[;FIELD=...] with GPTConfig/"
                              f"TrainConfig fields other than {', '.join(UNTUNABLE)}")
-        axes[name] = [_convert(name, v.strip(), hints[name]) for v in values.split(",")]
+        axes[name] = [parse_value(name, v.strip(), hints[name]) for v in values.split(",")]
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 

@@ -27,12 +27,14 @@ import torch
 import train_gpt
 import train_small
 from minimoe import data, plots, prepare
-from minimoe.data import BatchSampler, Corpus, DataError, load_corpus, remove_stale_tmp, write_shard
+from minimoe.data import BatchSampler, Corpus, DataError, load_corpus, write_shard
+from minimoe.files import remove_stale_tmp
 from minimoe.dispatch import load_entropy
 from minimoe.metrics import Rule, evaluate_rule
 from minimoe.model import GPT, GPTConfig
 from minimoe.sample import SampleConfig
-from minimoe.train import TrainConfig, estimate_loss, help_text, parse_overrides
+from minimoe.cli import help_text, parse_overrides
+from minimoe.train import TrainConfig, estimate_loss
 from minimoe.validate import check_fields, interval, show, unranged_fields
 
 ROOT = Path(__file__).resolve().parent.parent

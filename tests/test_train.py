@@ -17,8 +17,10 @@ import torch
 from minimoe import hardware, plots, sample
 from minimoe.data import Corpus, encode_bytes
 from minimoe.model import GPTConfig
+from minimoe.checkpoint import load_model
+from minimoe.cli import help_text, parse_overrides
 from minimoe.train import (TrainConfig, TrainingDiverged, configure_optimizer, estimate_loss, get_lr,
-                           grad_accum_steps, help_text, load_model, parse_overrides, train)
+                           grad_accum_steps, train)
 
 
 @pytest.fixture(autouse=True)
