@@ -77,7 +77,8 @@ def check_data(data: str, default_data: str, preset) -> None:
 
 def write_plots(out_dir, label: str) -> list[str]:
     """The figures of train_small.py, for this one run, from its log.jsonl."""
-    from minimoe.plots import plot_expert_load, plot_losses, plot_routing_entropy, read_log
+    from minimoe.files import read_log
+    from minimoe.plots import plot_expert_load, plot_losses, plot_routing_entropy
     out_dir = Path(out_dir)
     logs = {label: read_log(out_dir)}
     plot_losses(logs, out_dir / "loss.png", title=f"{label}: validation loss vs tokens")

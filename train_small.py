@@ -35,7 +35,8 @@ import torch
 from minimoe.data import load_corpus
 from minimoe.model import GPT, GPTConfig
 from minimoe.study import laptop_model, laptop_train
-from minimoe.plots import plot_expert_load, plot_losses, plot_routing_entropy, read_log
+from minimoe.files import read_log
+from minimoe.plots import plot_expert_load, plot_losses, plot_routing_entropy
 from minimoe.cli import parse_overrides
 from minimoe.outdir import refuse_overwrite
 from minimoe.runtime import resolve_device

@@ -48,8 +48,9 @@ from tqdm import tqdm
 
 from .data import load_corpus
 from .model import GPT, GPTConfig
+from .files import read_log
 from .plots import (plot_entropy_per_layer, plot_final_losses, plot_loss_vs_cost, plot_losses,
-                    plot_paired_differences, read_log)
+                    plot_paired_differences)
 from .cli import parse_overrides, parse_value
 from .runtime import resolve_device
 from .train import TrainConfig, TrainingDiverged, grad_accum_steps, train

@@ -26,8 +26,9 @@ import torch
 
 import train_gpt
 import train_small
-from minimoe import data, plots, prepare
-from minimoe.data import BatchSampler, Corpus, DataError, load_corpus, write_shard
+from minimoe import data, plots, prepare, shards
+from minimoe.data import BatchSampler, Corpus, DataError, load_corpus
+from minimoe.shards import write_shard
 from minimoe.files import remove_stale_tmp
 from minimoe.dispatch import load_entropy
 from minimoe.metrics import Rule, evaluate_rule
@@ -312,9 +313,9 @@ def test_binary_junk_says_what_is_accepted(tmp_path):
 def test_read_regular_file_reads_exactly_the_size(tmp_path):
     path = tmp_path / "a.txt"
     path.write_bytes(b"abc")
-    assert data.read_regular_file(path) == b"abc"
+    assert shards.read_regular_file(path) == b"abc"
     with pytest.raises(DataError, match="is a character device"):
-        data.read_regular_file("/dev/zero")
+        shards.read_regular_file("/dev/zero")
 
 
 # --------------------------------------------------------------------------- 3. environment problems

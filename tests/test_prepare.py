@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from minimoe import prepare
-from minimoe.data import Corpus, DataError, ShardedArray, load_corpus, read_shard
+from minimoe.data import Corpus, DataError, load_corpus
+from minimoe.shards import ShardedArray, read_shard
 from minimoe.prepare import main, write_shards
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from minimoe import hardware, plots, sample
+from minimoe import files, hardware, plots, sample
 from minimoe.data import Corpus, encode_bytes
 from minimoe.model import GPTConfig
 from minimoe.checkpoint import load_model
@@ -52,7 +52,7 @@ def fast(out_dir, **kw):
 
 
 def read_log(out_dir):
-    return plots.read_log(out_dir)
+    return files.read_log(out_dir)
 
 
 # --------------------------------------------------------------------------- command line

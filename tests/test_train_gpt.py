@@ -13,7 +13,8 @@ import torch
 
 import train_gpt
 from minimoe import presets
-from minimoe.data import DataError, write_shard
+from minimoe.data import DataError
+from minimoe.shards import write_shard
 from minimoe.model import GPTConfig
 from minimoe.presets import PRESETS, count, get_preset
 
