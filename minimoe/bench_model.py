@@ -8,9 +8,9 @@ A model is a preset (presets.py), optionally VARIANT@PRESET (variants.py, e.g. d
 ':field=INT' overrides (gpt2-aoe:d_low=64; AoE's d_wide then follows Eq. 5). For each model x
 torch.compile (off, on) x dispatch (grouped, loop; dense has none) it runs `warmup` training steps,
 not timed (compilation, autotuning and the allocator's growth happen there), then times `steps`
-steps of what train.py runs: forward + backward under autocast, grad clipping and AdamW (fused on
-CUDA), with the preset's optimizer settings and random tokens already on the device (the data loader
-is not measured). CUDA is synchronized before each clock read.
+steps of train.py's own train_step: forward + backward under autocast, grad clipping, AdamW (fused
+on CUDA) and the expert-bias update of aux-loss-free variants, with the preset's optimizer settings
+and random tokens already on the device (the data loader is not measured). CUDA is synchronized before each clock read.
 
     tokens/s     batch_size x seq_len x steps / seconds
     MFU          model.flops_per_token(seq_len) x tokens/s / the GPU's bf16 peak (hardware.py). The
@@ -29,6 +29,7 @@ OUT_DIR/bench_model.json.
 import argparse
 from dataclasses import fields, replace
 import gc
+import itertools
 import json
 from pathlib import Path
 import time
@@ -39,7 +40,8 @@ from .dispatch import grouped_mm_available
 from .hardware import keep_freed_memory, mfu, peak_flops
 from .model import GPT, GPTConfig
 from .presets import get_preset
-from .train import TrainConfig, configure_optimizer
+from .runtime import Runtime
+from .train import Run, TrainConfig, configure_optimizer, train_step
 from .variants import VARIANTS, variant_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -99,16 +101,16 @@ def time_training(cfg: GPTConfig, tcfg: TrainConfig, device, dtype, compile: boo
     opt = configure_optimizer(model, tcfg)                  # decay groups; fused AdamW on CUDA
     fwd = torch.compile(model) if compile else model        # as train.py: default (dynamic) shapes
     x, y = torch.randint(0, cfg.vocab_size, (2, batch_size, seq_len), device=device)   # (B, T) each
+    # train.py's own step (accumulation, clipping, AdamW, the expert-bias update) on one fixed batch;
+    # no corpus, evaluation, log or checkpoint: those are not timed
+    run = Run(cfg, tcfg, Runtime(device, dtype), corpus=None, model=model, fwd=fwd, optimizer=opt,
+              scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+              train_batches=itertools.repeat((x, y)), val_batches=None, accum=1,
+              tokens_per_step=batch_size * seq_len, fingerprint="", resumed=False, log=None)
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            _, loss = fwd(x, y)
-        loss.backward()
-        if tcfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        ce, aux = train_step(run, tcfg.learning_rate)
+        return ce + aux
 
     for _ in range(warmup):
         step()
@@ -125,7 +127,7 @@ def time_training(cfg: GPTConfig, tcfg: TrainConfig, device, dtype, compile: boo
     tok_s = batch_size * seq_len * steps / seconds
     flops = model.flops_per_token(seq_len)
     mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    del model, opt, fwd
+    del model, opt, fwd, run
     return dict(tokens_per_sec=tok_s, mfu=mfu(flops, tok_s, peak_flops(device)), peak_mem_bytes=mem,
                 flops_per_token=flops, ms_per_step=seconds / steps * 1e3, loss=loss.item())
 
