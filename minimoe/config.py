@@ -17,9 +17,11 @@ VAL_SEED = 0                     # the val batches: the same for every model, se
 # where a run could never finish; evaluation and sampling stay short enough not to look like a hang.
 @ranges(max_iters="[1, 1e12]", eval_interval="[1, 1e12]", eval_iters="[1, 100000]", log_interval="[1, 1e12]",
         batch_size="[1, 65536]", total_batch_tokens="[1, 1e13]", learning_rate="(0, 1]", min_lr="[0, 1]",
-        warmup_iters="[0, 1e12]", lr_decay_iters="[1, 1e12]", weight_decay="[0, 1e3]", beta1="[0, 1)",
+        warmup_iters="[0, 1e12]", lr_decay_iters="[1, 1e12]", weight_decay="[0, 1e3]", w_down_lr_scale="(0, 1e3]",
+        w_up_lr_scale="(0, 1e3]", beta1="[0, 1)",
         beta2="[0, 1)", grad_clip="[0, 1e6]", threads="[0, 4096]", seed="[0, 1e18]", peak_flops="(0, 1e21]",
-        sample_tokens="[0, 100000]", sample_start=MAY_BE_EMPTY)
+        final_eval_tokens="[0, 1e12]", sample_tokens="[0, 100000]",
+        sample_start=MAY_BE_EMPTY)
 @dataclass
 class TrainConfig:
     # I/O
@@ -31,6 +33,8 @@ class TrainConfig:
     max_iters: int = 1000                # optimizer steps
     eval_interval: int = 100             # evaluate, log and checkpoint every this many steps
     eval_iters: int = 20                 # val batches per evaluation
+    final_eval_tokens: int = 2**20       # the final evaluation: up to this many val tokens, in windows spread over
+                                         # the whole val split (all of it when smaller); 0 turns it off
     log_interval: int = 10               # progress-bar update (and NaN check) every this many steps
     # batch
     batch_size: int = 16                 # sequences per micro-batch, per process
@@ -41,6 +45,8 @@ class TrainConfig:
     warmup_iters: int = 100              # linear warmup steps
     lr_decay_iters: int | None = None    # end of the cosine; None: max_iters
     weight_decay: float = 0.1            # on matrices only (not norms)
+    w_down_lr_scale: float = 1.0         # learning-rate multiplier of W_down in a factorized W_g (AoE, moe-lowrank)
+    w_up_lr_scale: float = 1.0           # the same for W_up (configure_optimizer says why)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0               # max gradient norm; 0 turns clipping off

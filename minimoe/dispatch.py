@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 DISPATCH_IMPLS = ("auto", "grouped", "loop")
+AUX_REDUCTIONS = ("sum", "mean", "mean/k")   # how a model combines its layers' Eq. 6 terms (aux_coef_per_layer)
 
 
 # --------------------------------------------------------------------------- gating
@@ -230,6 +231,33 @@ def load_balance_loss(r: Routing) -> torch.Tensor:
     f = expert_fraction(r.experts, E)                          # (E,)
     P = r.probs.mean(dim=0)                                    # (E,)
     return E * (f * P).sum()
+
+
+def aux_coef_per_layer(alpha: float, reduce: str, n_expert_layers: int, top_k: int) -> float:
+    """The weight of one layer's Eq. 6 term, so that the model's aux loss (the sum of its layers' terms) is
+
+        "sum"     alpha * sum_l  n sum_i f_i P_i      f sums to K; perfect balance gives alpha * K * L
+        "mean"    alpha * mean_l n sum_i f_i P_i      perfect balance gives alpha * K, whatever the depth
+        "mean/k"  alpha * mean_l n sum_i (f_i/K) P_i  f sums to 1; perfect balance gives alpha
+
+    The paper (Eq. 6, alpha = 0.01) defines one layer's term. How the others combine their layers:
+    - The AoE authors' released PyTorch layer (trestad/Autonomy-of-Experts, moe.py at commit 280e2276,
+      deleted later) returns n sum_i f_i P_i per layer with f summing to K, our term; the code that adds the
+      layers up (their internal "mirage" package) was never released, so their reduction is unknown.
+    - Hugging Face Mixtral (load_balancing_loss_func) concatenates every layer's logits and computes one
+      n sum_i mean_l(f_i) mean_l(P_i), f summing to K: about "mean" (it differs by a covariance over
+      layers, so one layer's imbalance can offset another's; we do not copy that).
+    - megablocks (batched_load_balancing_loss), which the authors' fast AoE version is built on, divides
+      by the number of layers and by K: "mean/k".
+    Our default is "mean": the authors' per-layer term, with the depth normalization that both libraries
+    their code derives from apply, so alpha means the same at 2 layers and at 24. Before Dec 2026 minimoe
+    used "sum" (2x "mean" at 2 expert layers, 12x at 12).
+    """
+    if reduce not in AUX_REDUCTIONS:
+        raise ValueError(f"aux_loss_reduce={reduce!r} is invalid: allowed values are {AUX_REDUCTIONS}")
+    if reduce == "sum":
+        return alpha
+    return alpha / n_expert_layers / (top_k if reduce == "mean/k" else 1)
 
 
 def aux_losses(r: Routing, aux_coef: float, z_coef: float) -> torch.Tensor:

@@ -8,7 +8,8 @@
 
 The file reads top to bottom:
     1. optimizer and schedule   configure_optimizer (decay / no-decay groups), get_lr (warmup + cosine)
-    2. evaluation               estimate_loss on fixed val batches, with routing statistics (Eq. 7, 8)
+    2. evaluation               estimate_loss on fixed val batches, with routing statistics (Eq. 7, 8);
+                                final_val_loss over the whole val split at the end (mean and its error)
     3. the loop                 train(): the `while`; train_step (accumulation, DDP no_sync, the expert
                                 bias update), evaluate, save
     4. what the loop runs on    LoopState (all resumable loop state), Run, build_run (model, optimizer,
@@ -35,8 +36,10 @@ import math
 from pathlib import Path
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -46,9 +49,10 @@ from .checkpoint import (CHECKPOINT, RESUME_KEYS, check_resume, data_fingerprint
 from .config import VAL_SEED, TrainConfig
 from .data import BatchSampler, Corpus, bpb_factor, load_corpus
 from .dispatch import routing_summary
+from .files import atomic_write
 from .hardware import mfu, peak_flops
 from .model import GPT, GPTConfig
-from .outdir import RunLog, write_config, write_sample
+from .outdir import FINAL_VAL_FILE, RunLog, write_config, write_sample
 from .progress import LoopState
 from .runtime import Runtime, StopRequest, preflight, setup
 
@@ -60,10 +64,21 @@ __all__ = ["TrainConfig", "TrainingDiverged", "configure_optimizer", "get_lr", "
 
 def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (embeddings, attention, experts, router, W_down) and
-    none on vectors (RMSNorm gains), as in nanoGPT. Fused kernel on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    none on vectors (RMSNorm gains), as in nanoGPT. Fused kernel on CUDA.
+
+    The two factors of a factorized W_g = W_down W_up (AoE, moe-lowrank) may step at their own multiple of the
+    learning rate (w_down_lr_scale, w_up_lr_scale; a group with key "lr_scale" each): AdamW moves every factor
+    by about lr per entry, so their product moves faster than one matrix would. At 1 (the default) there are
+    just the two groups above."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    scales = {"w_down": cfg.w_down_lr_scale, "w_up": cfg.w_up_lr_scale}
+    scaled = lambda n: n.rsplit(".", 1)[-1] if scales.get(n.rsplit(".", 1)[-1], 1) != 1 else None  # noqa: E731
+    params = [p for n, p in named if not scaled(n)]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups += [{"params": [p for n, p in named if scaled(n) == f], "weight_decay": cfg.weight_decay,
+                "lr_scale": scales[f]} for f in scales if any(scaled(n) == f for n, _ in named)]
+    params = [p for _, p in named]
     fused = params[0].device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
@@ -117,6 +132,49 @@ def estimate_loss(model: GPT, sampler: BatchSampler, eval_iters: int, rt: Runtim
     mean = lambda key: sum(r[key] for r in routing) / len(routing) if routing else None   # noqa: E731
     return {"val_loss": (acc[0] / n).item(), "ent_load": mean("ent_load"), "ent_conf": mean("ent_conf"),
             "routing": routing}
+
+
+@torch.no_grad()
+def final_val_loss(model: GPT, val, block_size: int, batch_size: int, max_tokens: int, rt: Runtime | None = None) -> dict:
+    """The end-of-run loss, kept apart from the periodic evaluations (a few fixed random batches, whose own
+    sampling error is shared by every run): non-overlapping windows of block_size + 1 tokens spread evenly over
+    the whole val split (every window when it holds at most max_tokens), each window's mean cross-entropy one
+    observation. Returns their mean (nats/token), its standard error (std of the window means / sqrt(windows):
+    how far another val set of this size could land), and the counts. Under DDP the windows are split; on one
+    process "window_losses" (float32 array, one per window, in val order) is returned too: two models scored on
+    the same windows give a paired difference whose error is far below either loss's (study.py reads them)."""
+    rt = rt or Runtime(next(model.parameters()).device, torch.float32)
+    T = block_size
+    total = (len(val) - 1) // T                                          # windows that fit
+    n = min(total, max(1, max_tokens // T))
+    starts = [(i * total // n) * T for i in range(n)]                     # evenly spread, no overlap
+    was_training = model.training
+    model.eval()
+    acc = torch.zeros(3, dtype=torch.float64)                              # sum, sum of squares, windows
+    windows = []
+    for b in range(rt.rank * batch_size, n, rt.world_size * batch_size):
+        rows = [torch.as_tensor(val[s:s + T + 1].astype("int64")) for s in starts[b:b + batch_size]]
+        xy = torch.stack(rows).to(rt.device)                             # (B, T+1)
+        x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()          # (B, T) each
+        with rt.autocast():
+            logits, _ = model(x, y)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")   # (B*T,)
+        per_window = ce.view(len(rows), T).mean(dim=1).double().cpu()    # (B,)
+        acc += torch.tensor([per_window.sum().item(), per_window.square().sum().item(), len(rows)], dtype=torch.float64)
+        windows.append(per_window.float())
+    if rt.ddp:
+        acc = acc.to(rt.device)
+        dist.all_reduce(acc)
+        acc = acc.cpu()
+    model.train(was_training)
+    s, ss, k = acc.tolist()
+    mean = s / k
+    var = max(ss / k - mean * mean, 0.0) * k / max(k - 1, 1)
+    out = {"final_val_loss": mean, "final_val_se": math.sqrt(var / k), "final_val_windows": int(k),
+           "final_val_tokens": int(k) * T}
+    if not rt.ddp:
+        out["window_losses"] = torch.cat(windows).numpy()
+    return out
 
 
 # --------------------------------------------------------------------------- 3. the loop
@@ -198,7 +256,7 @@ def train_step(run: Run, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
     cross-entropy and aux loss, averaged over its micro-batches (detached, on the device)."""
     model, rt, optimizer, scaler = run.model, run.rt, run.optimizer, run.scaler
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)                  # lr_scale: see configure_optimizer
     ce, aux = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)
     for micro in range(run.accum):
         x, y = next(run.train_batches)
@@ -418,6 +476,16 @@ def results(run: Run, state: LoopState, interrupted: str | None) -> dict:
                   iters=state.step, tokens=state.step * run.tokens_per_step,
                   wall_s=time.perf_counter() - state.t_start, interrupted=interrupted, out_dir=str(run.out_dir),
                   model=model)
+    if cfg.final_eval_tokens and not interrupted:                       # every rank: the windows are split
+        result.update(final_val_loss(model, run.corpus.val, run.model_config.block_size, cfg.batch_size,
+                                     cfg.final_eval_tokens, rt))
+        if "window_losses" in result:                                    # one process: keep them for pairing
+            window_losses = result.pop("window_losses")
+            atomic_write(run.out_dir / FINAL_VAL_FILE, lambda f: np.save(f, window_losses))
+        if rt.master:
+            tqdm.write(f"{run.model_config.ffn} final val {result['final_val_loss']:.4f} ± "
+                       f"{result['final_val_se']:.4f} nats (standard error over {result['final_val_windows']:,} "
+                       f"windows, {result['final_val_tokens']:,} of {len(run.corpus.val):,} val tokens)")
     if rt.master and not interrupted and cfg.sample_tokens:
         result["sample"] = write_sample(model, run.corpus, cfg, rt, run.out_dir / "sample.txt")
     return result

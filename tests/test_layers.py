@@ -156,10 +156,11 @@ def test_aux_loss_is_k_at_perfect_balance_and_larger_when_imbalanced():
     scores = torch.tensor([4.0, 3.0] + [0.0] * (E - 2)).expand(N, E)
     skewed = route(scores, K)
     assert load_balance_loss(skewed).item() > K + 0.5
-    # and the layer returns alpha times it
-    layer = make("moe", aux_loss_coef=0.25)
-    _, aux = layer(torch.randn(1, 10, D))
-    assert aux.item() == pytest.approx(0.25 * load_balance_loss(layer.last_routing).item(), rel=1e-5)
+    # and the layer returns alpha times it, summing over layers; averaging, alpha / (the number of expert layers)
+    for reduce, share in (("sum", 0.25), ("mean", 0.25 / 2)):
+        layer = make("moe", aux_loss_coef=0.25, aux_loss_reduce=reduce)   # n_layer=2
+        _, aux = layer(torch.randn(1, 10, D))
+        assert aux.item() == pytest.approx(share * load_balance_loss(layer.last_routing).item(), rel=1e-5)
 
 
 def test_z_loss_is_added_when_enabled():
