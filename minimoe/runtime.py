@@ -2,6 +2,7 @@
 
     setup(cfg) -> Runtime     device ("auto": CUDA, else MPS, else CPU), autocast dtype, DDP under
                               torchrun (NCCL on CUDA, gloo on CPU), CPU threads
+    grad_accum_steps(...)     micro-steps per optimizer step for cfg.total_batch_tokens on this many ranks
     preflight(...)            before step 0: memory for one micro-batch (every rank), the out_dir
                               claimed (rank 0, outdir.claim_out_dir); all ranks fail together
     StopRequest               SIGINT/SIGTERM: finish the step, save, return; under DDP the ranks vote
@@ -105,6 +106,20 @@ def setup(cfg: TrainConfig) -> Runtime:
     if device.type == "cpu":
         keep_freed_memory()                                  # no page-fault tax per step (hardware.py)
     return Runtime(device, resolve_dtype(cfg.dtype, device), rank, local_rank, world_size, ddp, flag_group)
+
+
+def grad_accum_steps(cfg: TrainConfig, block_size: int, world_size: int) -> int:
+    """Micro-steps per optimizer step so that one step sees cfg.total_batch_tokens tokens."""
+    per_micro = cfg.batch_size * block_size * world_size
+    if cfg.total_batch_tokens is None:
+        return 1
+    if cfg.total_batch_tokens % per_micro:
+        raise ValueError(
+            f"TrainConfig.total_batch_tokens={cfg.total_batch_tokens} is invalid: it must be a multiple of "
+            f"batch_size x block_size x world_size = {cfg.batch_size} x {block_size} x {world_size} = "
+            f"{per_micro} (the tokens of one micro-step on all ranks); try "
+            f"--total_batch_tokens={max(1, round(cfg.total_batch_tokens / per_micro)) * per_micro}")
+    return cfg.total_batch_tokens // per_micro
 
 
 def estimate_memory(model_config: GPTConfig, cfg: TrainConfig, dtype: torch.dtype, n_params: int) -> dict:

@@ -54,10 +54,10 @@ from .hardware import mfu, peak_flops
 from .model import GPT, GPTConfig
 from .outdir import FINAL_VAL_FILE, RunLog, write_config, write_sample
 from .progress import LoopState
-from .runtime import Runtime, StopRequest, preflight, setup
+from .runtime import Runtime, StopRequest, grad_accum_steps, preflight, setup
 
-__all__ = ["TrainConfig", "TrainingDiverged", "configure_optimizer", "get_lr", "estimate_loss", "train",
-           "train_step", "grad_accum_steps"]
+__all__ = ["TrainConfig", "TrainingDiverged", "configure_optimizer", "get_lr", "estimate_loss", "final_val_loss",
+           "train", "train_step"]
 
 
 # --------------------------------------------------------------------------- 1. optimizer and schedule
@@ -378,20 +378,6 @@ class Run:
         per_device = tokens_per_sec / self.rt.world_size if tokens_per_sec else None
         return mfu(self.model.flops_per_token(self.model_config.block_size), per_device,
                    self.cfg.peak_flops or peak_flops(self.rt.device))
-
-
-def grad_accum_steps(cfg: TrainConfig, block_size: int, world_size: int) -> int:
-    """Micro-steps per optimizer step so that one step sees cfg.total_batch_tokens tokens."""
-    per_micro = cfg.batch_size * block_size * world_size
-    if cfg.total_batch_tokens is None:
-        return 1
-    if cfg.total_batch_tokens % per_micro:
-        raise ValueError(
-            f"TrainConfig.total_batch_tokens={cfg.total_batch_tokens} is invalid: it must be a multiple of "
-            f"batch_size x block_size x world_size = {cfg.batch_size} x {block_size} x {world_size} = "
-            f"{per_micro} (the tokens of one micro-step on all ranks); try "
-            f"--total_batch_tokens={max(1, round(cfg.total_batch_tokens / per_micro)) * per_micro}")
-    return cfg.total_batch_tokens // per_micro
 
 
 def check_corpus(model_config: GPTConfig, cfg: TrainConfig, corpus: Corpus, rt: Runtime) -> None:

@@ -488,7 +488,7 @@ def test_plots_and_the_table_say_nats(tmp_path, monkeypatch):
     assert len(shown) >= 3 and all("nats" in t for t in shown), shown
     result = {"params_total": 1e6, "params_active": 5e5, "val_loss": 2.0, "val_bpb": 2.9, "tokens_per_sec": 100,
               "ent_load": 1.3, "ent_conf": 1.1, "routing": rows[-1]["routing"]}
-    header = train_small.results_table({"moe": [result]}).splitlines()[0]
+    header = train_small.models_table({"moe": [result]}).splitlines()[0]
     assert "Ent_load (nats, max 1.386)" in header and "Ent_conf (nats)" in header
 
 

@@ -19,8 +19,8 @@ from minimoe.data import Corpus, encode_bytes
 from minimoe.model import GPTConfig
 from minimoe.checkpoint import load_model
 from minimoe.cli import help_text, parse_overrides
-from minimoe.train import (TrainConfig, TrainingDiverged, configure_optimizer, estimate_loss, get_lr,
-                           grad_accum_steps, train)
+from minimoe.runtime import grad_accum_steps
+from minimoe.train import TrainConfig, TrainingDiverged, configure_optimizer, estimate_loss, get_lr, train
 
 
 @pytest.fixture(autouse=True)

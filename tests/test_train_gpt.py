@@ -116,7 +116,8 @@ def test_presets_main_prints_both_tables(capsys):
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_preset_training_defaults_are_valid(name):
-    from minimoe.train import TrainConfig, grad_accum_steps
+    from minimoe.runtime import grad_accum_steps
+    from minimoe.train import TrainConfig
     p = get_preset(name)
     cfg = TrainConfig(**p.train_defaults())            # validates every field
     block = p.model_config().block_size
