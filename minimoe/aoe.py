@@ -76,7 +76,7 @@ class AoE(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         x = x.reshape(-1, D)                                # (N, D)
-        impl = resolve_impl(self.dispatch, x)
+        impl = resolve_impl(self.dispatch, x, self.top_k)  # 'direct' for a decode step (dispatch.py)
 
         # --- scoring: every expert computes its low-rank activation, ranked by its L2 norm ---
         a = scoring_matmul(x, self.w_down, self.fp32_scores).view(-1, self.n_experts, self.d_low)  # (N, E, L) cache C
@@ -84,8 +84,8 @@ class AoE(nn.Module):
         record_load(self, r.experts)
 
         # --- the chosen experts finish Eq. 1, starting from their cached a_i ---
-        plan = plan_dispatch(r.experts, self.n_experts)
-        x_s = gather_rows(x, plan.token)                     # (S, D) token rows, grouped by expert
+        plan = plan_dispatch(r.experts, self.n_experts, impl)
+        x_s = gather_rows(x, plan.token)                     # (S, D) token rows, grouped by expert (direct: not)
         a_s = gather_rows(a.view(-1, self.d_low), plan.token * self.n_experts + plan.expert)  # (S, L) a_i of each slot
         g = grouped_mm(a_s.to(compute_dtype(x)), self.w_up, plan, impl)  # (S, W) a_i W_up^i, compute dtype
         y = swiglu_experts(x_s, g, self.w_p, self.w_o, plan, impl)  # (S, D)

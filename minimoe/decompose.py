@@ -10,6 +10,7 @@ batches, so two arms are compared seed by seed. Each block asks one question and
 answer it (a - b, paired over the seeds both have, mean +- 95% t CI). The blocks, in the order they train:
 
     headline   dense / moe / aoe / moe-lowrank, 8 seeds: the gap, and how much of it the factorized W_g explains
+    pairing    moe and aoe with init_rng="sequential" (before Dec 2026): the spread of AoE - MoE without common init
     product    W_g = W_down W_up at full rank and the MoE's width ("reparam": exactly the MoE's function class,
                more parameters) vs the MoE, across learning rates, and with the factors' learning rate scaled
     rank       moe-lowrank and AoE at d_low 40 and 64 (= n_embd, full rank), beside d_low 24 of the headline
@@ -44,6 +45,7 @@ from .model import GPTConfig
 from .checkpoint import data_fingerprint
 from .cli import parse_overrides
 from .config import TrainConfig
+from .files import writable_folder
 from .outdir import FINAL_VAL_FILE
 from .runtime import resolve_device
 from . import study as S
@@ -96,6 +98,10 @@ def blocks(prose: str = "") -> list[Block]:
               (("reparam lr=0.002", "moe"), ("reparam lr=0.001", "moe lr=0.001"), ("reparam lr=0.004", "moe lr=0.004"),
                *((f"reparam factors x{n}", "moe") for n in scales),
                *((f"reparam factors x{n}", "reparam lr=0.002") for n in scales))),
+        Block("pairing", "How much do common random numbers (init.py) shrink the seed-to-seed spread of AoE - MoE? "
+              "The same two arms with the draws in construction order, as before Dec 2026",
+              _arms(" sequential", ("moe", "aoe"), SEEDS8, init_rng="sequential"),
+              (("aoe sequential", "moe sequential"), ("aoe", "moe"))),
         Block("rank", "Is the rank of W_down the cause? (d_low 24 is the headline's)",
               _arms(" d_low=40", ("moe-lowrank", "aoe"), d_low=40) + _arms(" d_low=64", ("moe-lowrank", "aoe"), d_low=64),
               (("moe-lowrank d_low=40", "moe"), ("aoe d_low=40", "moe"), ("aoe d_low=40", "moe-lowrank d_low=40"),
@@ -302,8 +308,10 @@ def summarize(grid: Grid, done: list[Block]) -> list[dict]:
                       for x in (a, b))
             m, ci, n = S.paired_difference(la, lb)
             common = sorted(set(la) & set(lb))
+            diffs = [la[s] - lb[s] for s in common]
             rows.append({"block": block.name, "kind": "comparison", "label": f"{a} − {b}", "a": a, "b": b,
-                         "diff": [m, ci], "pairs": n, "per_seed": {s: la[s] - lb[s] for s in common},
+                         "diff": [m, ci], "pairs": n, "per_seed": dict(zip(common, diffs)),
+                         "sd": statistics.stdev(diffs) if n > 1 else None,
                          "positive": sum(la[s] > lb[s] for s in common),
                          "val_set_se": window_se(grid, a, b, common)})
     return rows
@@ -336,9 +344,9 @@ def markdown(rows, command, device, grid) -> str:
             lines.append("")
         comps = [r for r in rows if r["block"] == block and r["kind"] == "comparison"]
         if comps:
-            lines += ["| comparison | pairs | Δ (paired, ± 95% CI) | a > b on | val-set SE | per seed |",
-                      "|---|---|---|---|---|---|"]
-            lines += [f"| {r['label']} | {r['pairs']} | {S.fmt_ci(*r['diff'], sign=True)} | "
+            lines += ["| comparison | pairs | Δ (paired, ± 95% CI) | SD over seeds | a > b on | val-set SE | per seed |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [f"| {r['label']} | {r['pairs']} | {S.fmt_ci(*r['diff'], sign=True)} | {fmt_se(r['sd'])} | "
                       f"{r['positive']}/{r['pairs']} | {fmt_se(r['val_set_se'])} | "
                       + " ".join(f"{d:+.4f}" for d in r["per_seed"].values()) + " |" for r in comps]
             lines.append("")
@@ -375,7 +383,7 @@ def main(argv) -> int:
             raise ValueError(f"--{name} is set by the study's arms: use {use} instead")
     device = resolve_device(cfg.device)
     grid = Grid(dc, base, cfg)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    writable_folder(cfg.out_dir)
     done = execute(grid, dc.chosen())
     command = shlex.join(["python", "-m", "minimoe.study", "decompose", *argv])
     rows = summarize(grid, done)

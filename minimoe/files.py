@@ -4,6 +4,7 @@
     remove_stale_tmp(folder)        delete the temp files an interrupted atomic_write left behind
     read_log(folder)                the rows of a run's log.jsonl (a line cut short by a crash is skipped)
     cached_run(root, label, ident)  the run cache: config -> folder -> result.json (the study, the notebooks)
+    writable_folder(path)           make a folder and check that files can be created in it (one line if not)
     one_line(e)                     'Type: message' of an exception on one line (torch's errors run to pages)
 
 Temp files are named `.NAME.tmpPID` next to NAME, so a crash leaves something recognizable, and the
@@ -18,6 +19,7 @@ from pathlib import Path
 import re
 import stat
 import sys
+import tempfile
 
 TMP_NAME = re.compile(r"\..+\.tmp(\d+)")    # .NAME.tmpPID: the temp files of atomic_write
 RESULT = "result.json"                      # a cached run is finished once this is written
@@ -53,6 +55,19 @@ def atomic_write(path, data) -> None:
         except OSError:
             pass
         raise
+
+
+def writable_folder(path, flag: str = "--out_dir") -> Path:
+    """Make `path` (and its parents) if needed and check that this process can create files in it: one line
+    naming it otherwise (a file in its place, a symlink loop, no permission)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):            # can this process create files here?
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}={path} is not a writable folder ({one_line(e, 120)}); use another {flag}") from None
+    return path
 
 
 def pid_alive(pid: int) -> bool:
@@ -110,15 +125,18 @@ class CachedRun:
     key: str                         # sha1 of the identifying config (config_key)
 
     def result(self) -> dict | None:
-        """The finished run's result.json, or None: not finished, or written by another config."""
+        """The finished run's result.json, or None: not finished, or written by another config. A damaged
+        one is a one-line ValueError naming it (deleting it trains the run again)."""
         path = self.folder / RESULT
-        if not path.is_file():
+        if not path.exists():
             return None
         try:
             r = json.loads(path.read_text())
-        except ValueError:
-            return None
-        return r if isinstance(r, dict) and r.get("key") == self.key else None
+            assert isinstance(r, dict)
+        except (ValueError, AssertionError):
+            raise ValueError(f"{path} is not a study result (damaged or edited JSON); delete it to train that run "
+                             f"again") from None
+        return r if r.get("key") == self.key else None
 
     def finish(self, result: dict) -> dict:
         """Write result.json (atomically: a run is finished or not) with the key first; returns it."""

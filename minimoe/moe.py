@@ -63,15 +63,15 @@ class MoE(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         x = x.reshape(-1, D)                                # (N, D)
-        impl = resolve_impl(self.dispatch, x)
+        impl = resolve_impl(self.dispatch, x, self.top_k)  # 'direct' for a decode step (dispatch.py)
 
         # --- scoring: a separate router looks at x (fp32 logits) ---
         r = route(self.router(x), self.top_k, self.renormalize, self.expert_bias)  # (N, E) -> (N, K)
         record_load(self, r.experts)
 
         # --- the chosen experts compute Eq. 1 ---
-        plan = plan_dispatch(r.experts, self.n_experts)
-        x_s = gather_rows(x, plan.token)                     # (S, D) token rows, grouped by expert
+        plan = plan_dispatch(r.experts, self.n_experts, impl)
+        x_s = gather_rows(x, plan.token)                     # (S, D) token rows, grouped by expert (direct: not)
         g = self.gate_preactivation(x_s, plan, impl)         # (S, H) x W_g^i
         y = swiglu_experts(x_s, g, self.w_p, self.w_o, plan, impl)  # (S, D)
         out = combine(y, r.gates, plan, x.shape[0])          # (N, D) gate-weighted sum over K

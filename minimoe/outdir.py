@@ -24,7 +24,6 @@ import json
 import os
 from pathlib import Path
 import shutil
-import tempfile
 
 try:
     import fcntl                     # the out_dir lock (POSIX); without it (Windows) runs are not locked
@@ -35,7 +34,7 @@ from tqdm import tqdm
 
 from .checkpoint import CHECKPOINT, describe_checkpoint, folder_named_checkpoint, no_checkpoint
 from .config import TrainConfig
-from .files import one_line, read_log, remove_stale_tmp
+from .files import read_log, remove_stale_tmp, writable_folder
 from .hardware import format_bytes
 from .model import GPT
 
@@ -96,13 +95,7 @@ def claim_out_dir(out_dir: Path, cfg: TrainConfig, checkpoint_bytes: int):
     save are removed, and the disk has room for a checkpoint."""
     if cfg.init_from == "resume" and not (out_dir / CHECKPOINT).exists():
         raise no_checkpoint(out_dir / CHECKPOINT)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):        # can this process create files here?
-            pass
-    except OSError as e:
-        raise ValueError(f"--out_dir={out_dir} is not a writable folder ({one_line(e, 120)}); use another "
-                         f"--out_dir") from None
+    writable_folder(out_dir)
     with OutDirLock(out_dir):
         refuse_overwrite(out_dir, cfg)
         remove_stale_tmp(out_dir, locked=True)           # we hold the lock: no save is running

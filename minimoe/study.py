@@ -47,7 +47,7 @@ from tqdm import tqdm
 from .checkpoint import data_fingerprint
 from .cli import parse_overrides, parse_value
 from .data import load_corpus
-from .files import CachedRun, cached_run, read_log
+from .files import CachedRun, cached_run, read_log, writable_folder
 from .hardware import describe_machine
 from .model import GPT, GPTConfig
 from .plots import (plot_entropy_per_layer, plot_final_losses, plot_loss_vs_cost, plot_losses,
@@ -444,8 +444,7 @@ def main(argv=None) -> int:
         cfg = replace(cfg, sample_start="\n")
     variants, seeds, budgets = variant_list(grid.variants), seed_list(grid.seeds), budget_list(grid.budgets)
     points = tune_grid(grid.tune)
-    root = Path(cfg.out_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    root = writable_folder(cfg.out_dir)
     command = shlex.join(["python", "-m", "minimoe.study", name, *(a for a in argv if a.startswith("-"))])
     data = data_fingerprint(corpus)
     # every run's config is built (and so validated) before the first one trains

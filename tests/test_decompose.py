@@ -76,3 +76,15 @@ def test_bad_input_is_one_line_before_any_training(tmp_path, data, trained, args
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         run(tmp_path, data, *args)
     assert trained == []
+
+
+def test_out_dir_that_is_a_file_and_a_damaged_result_are_one_line(tmp_path, data, trained):
+    (tmp_path / "dc").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"--out_dir=.*dc is not a writable folder"):
+        run(tmp_path, data, "--blocks=headline")
+    (tmp_path / "dc").unlink()
+    assert run(tmp_path, data, "--blocks=headline", "--max_runs=1") == 0
+    (result,) = (tmp_path / "dc" / "runs").glob("*/result.json")
+    result.write_text('{"key": ')                                        # truncated
+    with pytest.raises(ValueError, match=r"result.json is not a study result .* delete it"):
+        run(tmp_path, data, "--blocks=headline")
