@@ -244,7 +244,7 @@ def main(argv=None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True        # as train.py: fp32 matmuls on tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True        # as runtime.setup: fp32 matmuls on tensor cores
     else:
         keep_freed_memory()                                 # as train.py on CPU (hardware.py)
     steps = a.steps if a.steps is not None else (20 if cuda else 3)

@@ -6,7 +6,7 @@ ckpt.pt (written by rank 0 at every evaluation and when a signal stops the run) 
     sampler, rng                  BatchSampler's counter and the RNG states: a resume repeats the
                                   uninterrupted run exactly (on CPU, at the same thread count)
     iter, best_val_loss, loss_sum, aux_sum, steps_since_eval, train_time, tokens_run
-                                  the loop's state (train.LoopState.to_checkpoint)
+                                  the loop's state (progress.LoopState.to_checkpoint)
     tokens_per_step, threads, tokenizer, corpus, data_fingerprint
                                   what a resume must match (check_resume)
 

@@ -6,6 +6,7 @@ Public API
 BYTE_VOCAB_SIZE = 256
 encode_bytes(text) -> np.ndarray[uint8]       UTF-8 bytes of `text`
 decode_bytes(tokens) -> str                   inverse (list / ndarray / tensor; bad UTF-8 -> U+FFFD)
+tokenizer(name, what) -> (encode, decode)     "byte" or GPT-2 BPE (tiktoken): the one place both are chosen
 DataError(ValueError)                         every bad input raises this, with a hint on what to do
 
 Corpus(name, train, val, vocab_size, meta)    train/val are 1-D token arrays (ndarray, np.memmap or
@@ -117,6 +118,26 @@ def writing(folder, fix=None):
                         f"{fix}") from None
 
 
+def tokenizer(name: str, what: str = "this data"):
+    """(encode, decode) of the byte tokenizer (name "byte") or of GPT-2 BPE (any other name, via tiktoken):
+    encode(text) -> np.ndarray (uint8 bytes / uint16 BPE ids), decode(tokens: list, array or tensor) -> str.
+    The one place both are chosen (Corpus, sample.py); `what` names the corpus or checkpoint when
+    tiktoken is missing."""
+    if name == "byte":
+        return encode_bytes, decode_bytes
+    try:
+        import tiktoken
+    except ImportError:
+        raise DataError(f"{what} uses GPT-2 BPE tokens, which need tiktoken: pip install tiktoken") from None
+    enc = tiktoken.get_encoding("gpt2")
+
+    def decode(tokens):
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.detach().cpu().numpy()
+        return enc.decode(np.asarray(tokens).reshape(-1).tolist())
+    return (lambda text: np.array(enc.encode_ordinary(text), dtype=np.uint16)), decode
+
+
 # -----------------------------------------------------------------------------
 # corpora
 
@@ -128,13 +149,8 @@ class Corpus:
     vocab_size: int
     meta: dict = field(default_factory=dict)
 
-    def _tiktoken(self):
-        try:
-            import tiktoken
-        except ImportError:
-            raise DataError(f"corpus {self.name!r} uses GPT-2 BPE tokens, which need tiktoken: "
-                            f"pip install tiktoken") from None
-        return tiktoken.get_encoding("gpt2")
+    def _tokenizer(self):
+        return tokenizer("byte" if self.vocab_size == BYTE_VOCAB_SIZE else "gpt2", f"corpus {self.name!r}")
 
     def check_decoder(self):
         """Raise DataError now if decode()/encode() would fail later: GPT-2 BPE tokens need tiktoken,
@@ -147,19 +163,13 @@ class Corpus:
             raise DataError(f"corpus {self.name!r} has tokenizer {tokenizer!r} with vocab_size {self.vocab_size}; "
                             f"minimoe decodes only 'byte' (256) and 'gpt2' ({GPT2_VOCAB_SIZE}) tokens: "
                             f"re-prepare the data with --tokenizer=byte or --tokenizer=gpt2")
-        self._tiktoken()
+        self._tokenizer()
 
     def decode(self, tokens):
-        if self.vocab_size == BYTE_VOCAB_SIZE:
-            return decode_bytes(tokens)
-        if isinstance(tokens, torch.Tensor):
-            tokens = tokens.detach().cpu().numpy()
-        return self._tiktoken().decode(np.asarray(tokens).reshape(-1).tolist())
+        return self._tokenizer()[1](tokens)
 
     def encode(self, text):
-        if self.vocab_size == BYTE_VOCAB_SIZE:
-            return encode_bytes(text)
-        return np.array(self._tiktoken().encode_ordinary(text), dtype=np.uint16)
+        return self._tokenizer()[0](text)
 
 
 def bpb_factor(corpus: Corpus) -> float | None:

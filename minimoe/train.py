@@ -12,14 +12,16 @@ The file reads top to bottom:
                                 final_val_loss over the whole val split at the end (mean and its error)
     3. the loop                 train(): the `while`; train_step (accumulation, DDP no_sync, the expert
                                 bias update), evaluate, save
-    4. what the loop runs on    LoopState (all resumable loop state), Run, build_run (model, optimizer,
-                                samplers; a resume restores them), the files at the start, the result
+    4. what the loop runs on    Run (model, optimizer, samplers, log), build_run (a resume restores them
+                                all), the files at the start, the result
 What it calls lives next door, and none of it imports this file:
     config.py       TrainConfig: every knob of a run, with nanoGPT's names
     cli.py          `--field=value` for the fields of any dataclass (GPTConfig too)
-    runtime.py      device, dtype, DDP (torchrun), CPU threads; pre-flight checks; signals; Clock
+    runtime.py      device, dtype, DDP (torchrun), CPU threads, batch geometry; pre-flight checks; signals
+    progress.py     LoopState (all resumable loop state: steps, loss sums, best val, tokens) and its Clock
     checkpoint.py   atomic save, checked load (CheckpointError), the checks that make a resume safe
-    outdir.py       the out_dir lock and overwrite policy; log.jsonl, config.json, sample.txt
+    outdir.py       the out_dir lock and overwrite policy; log.jsonl (RunLog), config.json, sample.txt
+    files.py        the one atomic write, temp-file cleanup, log reader and run cache of the project
 
 Batches come from data.BatchSampler, whose batch i is a pure function of (seed, i). Every
 micro-step calls next() once, so micro-step m of optimizer step s on rank r reads global batch
