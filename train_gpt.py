@@ -19,6 +19,7 @@ Data: the GPT-2-scale presets read the FineWeb-Edu shards that
 
 from dataclasses import dataclass
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -68,9 +69,10 @@ def check_data(data: str, default_data: str, preset) -> None:
     if data == default_data and preset.prepare_command():
         how = f"{preset.prepare_command()}   (writes {data}; needs `pip install datasets tiktoken`)"
     else:
-        how = (f"python -m minimoe.prepare fineweb --out_dir={data}   (FineWeb-Edu, GPT-2 BPE; needs "
+        out = shlex.quote(f"--out_dir={data}")                  # a command to paste: quoted
+        how = (f"python -m minimoe.prepare fineweb {out}   (FineWeb-Edu, GPT-2 BPE; needs "
                f"`pip install datasets tiktoken`)\n  or: python -m minimoe.prepare text YOUR_TEXT "
-               f"--tokenizer=gpt2 --out_dir={data}")
+               f"--tokenizer=gpt2 {out}")
     raise ValueError(f"--data={data} does not exist. Prepare it first:\n  {how}\n"
                      f"or train on the built-in corpus without downloading anything: --data=stdlib")
 
@@ -124,10 +126,16 @@ def main(argv=None) -> dict:
         files = write_plots(cfg.out_dir, f"{model_config.ffn} ({name})")
         print(f"wrote {', '.join(files)} to {cfg.out_dir}")
     if result["interrupted"] and rank0:
-        launcher = "torchrun [same options] train_gpt.py" if "WORLD_SIZE" in os.environ else "python train_gpt.py"
-        print(f"interrupted ({result['interrupted']}); continue with:  {launcher} "
-              f"{' '.join(a for a in argv if not a.startswith('--init_from'))} --init_from=resume")
+        print(f"interrupted ({result['interrupted']}); continue with:  {continue_command(argv)}")
     return result
+
+
+def continue_command(argv) -> str:
+    """The command that resumes this run: the same options with --init_from=resume, shell-quoted, so
+    that pasting it runs exactly this (an out_dir with spaces or `;` stays one argument)."""
+    launcher = "torchrun [same options] train_gpt.py" if "WORLD_SIZE" in os.environ else "python train_gpt.py"
+    keep = [a for a in argv if a.split("=")[0].replace("-", "_") != "__init_from"]
+    return f"{launcher} {shlex.join([*keep, '--init_from=resume'])}"
 
 
 if __name__ == "__main__":

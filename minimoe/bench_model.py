@@ -33,10 +33,15 @@ import gc
 import itertools
 import json
 from pathlib import Path
+import tempfile
 import time
 
 import torch
 
+from .bench import OneLineParser, check_ints, pick_device
+from .data import writing
+from .files import atomic_write
+from .shards import path_kind
 from .dispatch import grouped_mm_available
 from .hardware import keep_freed_memory, mfu, peak_flops
 from .model import GPT, GPTConfig
@@ -220,9 +225,9 @@ def markdown(meta: dict, rows: list[dict], ratio_rows: list[dict], samples: list
 # --------------------------------------------------------------------------- command line
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m minimoe.bench gpu", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = OneLineParser(prog="python -m minimoe.bench gpu", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (CUDA if there is a GPU, else the CPU), cpu, cuda, cuda:N")
     p.add_argument("--models", default=None, help="comma-separated model specs (default: see above)")
     p.add_argument("--compile", default="both", choices=["off", "on", "both"],
                    help="torch.compile off, on, or both (on a CPU each compile takes tens of seconds)")
@@ -237,24 +242,17 @@ def main(argv=None) -> dict:
     p.add_argument("--out_dir", default="out-bench")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     a = p.parse_args(argv)
-    device = torch.device(a.device)
+    # everything that can be checked is checked here, before any timing: one line, exit 2
+    check_ints(p, a, dict(threads=(0, 4096), steps=(1, 10**6), warmup=(0, 10**6), sample_tokens=(0, 10**6),
+                          sample_prompt=(1, 10**6), batch_size=(1, 2**20), seq_len=(1, 2**20)))
+    try:
+        device = pick_device(a.device)
+    except ValueError as e:
+        p.error(str(e))
     cuda = device.type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        p.error(f"--device={a.device}: CUDA is not available here; use --device=cpu for the tiny smoke run")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True        # as runtime.setup: fp32 matmuls on tensor cores
-    else:
-        keep_freed_memory()                                 # as train.py on CPU (hardware.py)
     steps = a.steps if a.steps is not None else (20 if cuda else 3)
     warmup = a.warmup if a.warmup is not None else (5 if cuda else 1)
     sample_tokens = a.sample_tokens if a.sample_tokens is not None else (256 if cuda else 48)
-    for name, v, low in (("steps", steps, 1), ("warmup", warmup, 0), ("sample_tokens", sample_tokens, 0),
-                         ("sample_prompt", a.sample_prompt, 1), ("batch_size", a.batch_size or 1, 1),
-                         ("seq_len", a.seq_len or 1, 1)):
-        if v < low:
-            p.error(f"--{name}={v} must be >= {low}")
     dispatches = a.dispatch.split(",")
     if not dispatches or not set(dispatches) <= {"grouped", "loop"}:
         p.error(f"--dispatch={a.dispatch!r}: allowed values are grouped, loop (comma-separated)")
@@ -271,7 +269,14 @@ def main(argv=None) -> dict:
         if sample_tokens and a.sample_prompt + sample_tokens > cfg.block_size:
             p.error(f"--sample_prompt + --sample_tokens = {a.sample_prompt + sample_tokens} exceeds {spec}'s "
                     f"block_size={cfg.block_size} (past it generation re-runs the window with or without cache)")
+    out = check_out_dir(p, a.out_dir)                       # last: it makes the folder
     grouped_ok = grouped_mm_available(device.type, dtype)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True        # as runtime.setup: fp32 matmuls on tensor cores
+    else:
+        keep_freed_memory()                                 # as train.py on CPU (hardware.py)
 
     rows, samples = [], []
     for spec, cfg, tcfg in models:
@@ -310,9 +315,34 @@ def main(argv=None) -> dict:
     ratio_rows = ratios(rows)
     text = markdown(meta, rows, ratio_rows, samples)
     print(text)
-    out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_model.md").write_text(text + "\n")
     result = dict(meta=meta, train=rows, ratios=ratio_rows, sampling=samples)
-    (out / "bench_model.json").write_text(json.dumps(result, indent=1))
+    try:                          # checked before timing; a disk that fills meanwhile is still one line
+        with writing(out, "the tables are printed above; free some space or choose another --out_dir"):
+            atomic_write(out / "bench_model.md", [(text + "\n").encode()])
+            atomic_write(out / "bench_model.json", [json.dumps(result, indent=1).encode()])
+    except ValueError as e:
+        p.exit(2, f"error: {e}\n")
     return result
+
+
+OUT_FILES = ("bench_model.md", "bench_model.json")
+
+
+def check_out_dir(p, out_dir: str) -> Path:
+    """--out_dir (~ expanded) as a folder this process can write bench_model.md/.json into, made now,
+    before any timing: a file, a FIFO, an unwritable folder or such a name already taken is p.error."""
+    out = Path(out_dir).expanduser()
+    kind = "a file" if out.is_file() else path_kind(out)
+    if kind and kind != "missing":
+        p.error(f"--out_dir={out_dir} is {kind}, not a folder; choose another --out_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):               # can this process create files here?
+            pass
+    except OSError as e:
+        p.error(f"--out_dir={out_dir} is not a writable folder ({e.strerror or e}); choose another --out_dir")
+    for name in OUT_FILES:
+        kind = "a folder" if (out / name).is_dir() else path_kind(out / name)
+        if kind and kind != "missing":
+            p.error(f"{out / name} is {kind}, where the results go; remove it or choose another --out_dir")
+    return out

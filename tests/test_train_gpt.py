@@ -3,6 +3,7 @@ and the bad inputs of the data path. CPU only, no network (the shards are writte
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -253,3 +254,20 @@ def test_gpt2_preset_on_bpe_shards(tmp_path):
     with pytest.raises(ValueError, match="vocab_size=256 is invalid.*--vocab_size=50257"):
         train_gpt.main(["--preset=tiny-aoe", f"--data={data}", *FAST, "--max_iters=1",
                         f"--out_dir={tmp_path / 'o2'}"])
+
+
+def test_the_continue_command_is_shell_quoted(tmp_path, monkeypatch, capsys):
+    """Pasting the printed command resumes exactly this run: an out_dir with spaces and `;` stays one
+    argument instead of running `rm` (or another grid into another folder)."""
+    import shlex
+    out = tmp_path / "runs; touch PWNED" / "a b $(id)"
+    argv = ["--preset=tiny-aoe", f"--out_dir={out}", "--init-from=scratch", "--data=stdlib", "--max_iters=5"]
+    fake = dict(interrupted="SIGINT", iters=1, tokens=10, tokens_per_sec=1.0, mfu=None)
+    monkeypatch.setattr(train_gpt, "train", lambda model_config, cfg: fake)
+    train_gpt.main(argv)
+    line = next(l for l in capsys.readouterr().out.splitlines() if "continue with:" in l)
+    words = shlex.split(line.split("continue with:", 1)[1])
+    assert words == ["python", "train_gpt.py", "--preset=tiny-aoe", f"--out_dir={out}", "--data=stdlib",
+                     "--max_iters=5", "--init_from=resume"], line
+    with pytest.raises(ValueError, match=re.escape("prepare fineweb '--out_dir=no where; x'")):
+        train_gpt.main(["--preset=tiny-aoe", "--data=no where; x"])      # the prepare command it prints, too
