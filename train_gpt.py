@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 from minimoe.presets import PRESETS, get_preset, size_line
-from minimoe.train import TrainConfig, TrainingDiverged, parse_overrides, resolve_device, train
+from minimoe.cli import parse_overrides
+from minimoe.runtime import resolve_device
+from minimoe.train import TrainConfig, TrainingDiverged, train
 from minimoe.validate import check_fields
 
 DEFAULT_PRESET = "gpt2-aoe"
@@ -77,7 +79,8 @@ def check_data(data: str, default_data: str, preset) -> None:
 
 def write_plots(out_dir, label: str) -> list[str]:
     """The figures of train_small.py, for this one run, from its log.jsonl."""
-    from minimoe.plots import plot_expert_load, plot_losses, plot_routing_entropy, read_log
+    from minimoe.files import read_log
+    from minimoe.plots import plot_expert_load, plot_losses, plot_routing_entropy
     out_dir = Path(out_dir)
     logs = {label: read_log(out_dir)}
     plot_losses(logs, out_dir / "loss.png", title=f"{label}: validation loss vs tokens")

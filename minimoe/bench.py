@@ -64,7 +64,7 @@ DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 def pick_device(name, flag: str = "--device") -> torch.device:
     """The device a command line names, checked before any work: an unknown name, a GPU that is not
     there or an index past the last GPU is a one-line ValueError naming `flag` and what is allowed."""
-    from .train import resolve_device                     # the one place that resolves 'auto' and checks CUDA/MPS
+    from .runtime import resolve_device                   # the one place that resolves 'auto' and checks CUDA/MPS
     if not isinstance(name, str) or not DEVICE.fullmatch(name):
         raise ValueError(f"{flag}={name!r} is not a device: allowed are auto, cpu, cuda, cuda:N, mps")
     try:

@@ -8,9 +8,9 @@ A model is a preset (presets.py), optionally VARIANT@PRESET (variants.py, e.g. d
 ':field=INT' overrides (gpt2-aoe:d_low=64; AoE's d_wide then follows Eq. 5). For each model x
 torch.compile (off, on) x dispatch (grouped, loop; dense has none) it runs `warmup` training steps,
 not timed (compilation, autotuning and the allocator's growth happen there), then times `steps`
-steps of what train.py runs: forward + backward under autocast, grad clipping and AdamW (fused on
-CUDA), with the preset's optimizer settings and random tokens already on the device (the data loader
-is not measured). CUDA is synchronized before each clock read.
+steps of train.py's own train_step: forward + backward under autocast, grad clipping, AdamW (fused
+on CUDA) and the expert-bias update of aux-loss-free variants, with the preset's optimizer settings
+and random tokens already on the device (the data loader is not measured). CUDA is synchronized before each clock read.
 
     tokens/s     batch_size x seq_len x steps / seconds
     MFU          model.flops_per_token(seq_len) x tokens/s / the GPU's bf16 peak (hardware.py). The
@@ -30,6 +30,7 @@ OUT_DIR/bench_model.json.
 import argparse
 from dataclasses import fields, replace
 import gc
+import itertools
 import json
 from pathlib import Path
 import tempfile
@@ -38,12 +39,15 @@ import time
 import torch
 
 from .bench import OneLineParser, check_ints, pick_device
-from .data import _atomic_write, path_kind, writing
+from .data import writing
+from .files import atomic_write
+from .shards import path_kind
 from .dispatch import grouped_mm_available
 from .hardware import keep_freed_memory, mfu, peak_flops
 from .model import GPT, GPTConfig
 from .presets import get_preset
-from .train import TrainConfig, configure_optimizer
+from .runtime import Runtime
+from .train import Run, TrainConfig, configure_optimizer, train_step
 from .variants import VARIANTS, variant_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -103,16 +107,16 @@ def time_training(cfg: GPTConfig, tcfg: TrainConfig, device, dtype, compile: boo
     opt = configure_optimizer(model, tcfg)                  # decay groups; fused AdamW on CUDA
     fwd = torch.compile(model) if compile else model        # as train.py: default (dynamic) shapes
     x, y = torch.randint(0, cfg.vocab_size, (2, batch_size, seq_len), device=device)   # (B, T) each
+    # train.py's own step (accumulation, clipping, AdamW, the expert-bias update) on one fixed batch;
+    # no corpus, evaluation, log or checkpoint: those are not timed
+    run = Run(cfg, tcfg, Runtime(device, dtype), corpus=None, model=model, fwd=fwd, optimizer=opt,
+              scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+              train_batches=itertools.repeat((x, y)), val_batches=None, accum=1,
+              tokens_per_step=batch_size * seq_len, fingerprint="", resumed=False, log=None)
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            _, loss = fwd(x, y)
-        loss.backward()
-        if tcfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        ce, aux = train_step(run, tcfg.learning_rate)
+        return ce + aux
 
     for _ in range(warmup):
         step()
@@ -129,7 +133,7 @@ def time_training(cfg: GPTConfig, tcfg: TrainConfig, device, dtype, compile: boo
     tok_s = batch_size * seq_len * steps / seconds
     flops = model.flops_per_token(seq_len)
     mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    del model, opt, fwd
+    del model, opt, fwd, run
     return dict(tokens_per_sec=tok_s, mfu=mfu(flops, tok_s, peak_flops(device)), peak_mem_bytes=mem,
                 flops_per_token=flops, ms_per_step=seconds / steps * 1e3, loss=loss.item())
 
@@ -270,7 +274,7 @@ def main(argv=None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True        # as train.py: fp32 matmuls on tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True        # as runtime.setup: fp32 matmuls on tensor cores
     else:
         keep_freed_memory()                                 # as train.py on CPU (hardware.py)
 
@@ -314,8 +318,8 @@ def main(argv=None) -> dict:
     result = dict(meta=meta, train=rows, ratios=ratio_rows, sampling=samples)
     try:                          # checked before timing; a disk that fills meanwhile is still one line
         with writing(out, "the tables are printed above; free some space or choose another --out_dir"):
-            _atomic_write(out / "bench_model.md", [(text + "\n").encode()])
-            _atomic_write(out / "bench_model.json", [json.dumps(result, indent=1).encode()])
+            atomic_write(out / "bench_model.md", [(text + "\n").encode()])
+            atomic_write(out / "bench_model.json", [json.dumps(result, indent=1).encode()])
     except ValueError as e:
         p.exit(2, f"error: {e}\n")
     return result

@@ -39,8 +39,9 @@ import numpy as np
 from tqdm import tqdm
 
 from minimoe.bench import OneLineParser
-from minimoe.data import BYTE_VOCAB_SIZE, GPT2_VOCAB_SIZE, DataError, _atomic_write, default_cache_dir, \
-    load_corpus, path_kind, read_shard, remove_stale_tmp, write_shard, writing
+from minimoe.data import BYTE_VOCAB_SIZE, GPT2_VOCAB_SIZE, DataError, default_cache_dir, load_corpus, writing
+from minimoe.files import atomic_write, remove_stale_tmp
+from minimoe.shards import path_kind, read_shard, write_shard
 
 FINEWEB_DATASET = "HuggingFaceFW/fineweb-edu"
 CHUNK_BYTES = 1 << 20  # local text is fed to the tokenizer in ~1 MB pieces (progress + bounded memory)
@@ -75,7 +76,7 @@ def _is_progress(p):
 
 
 def _write_json(path, obj):
-    _atomic_write(path, [json.dumps(obj, indent=2).encode()])
+    atomic_write(path, [json.dumps(obj, indent=2).encode()])
 
 
 # -----------------------------------------------------------------------------

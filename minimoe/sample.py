@@ -15,8 +15,10 @@ import numpy as np
 import torch
 
 from .bench import pick_device
-from .data import DataError, decode_bytes, encode_bytes, path_kind, read_regular_file
-from .train import checkpoint_path, load_model, parse_overrides
+from .checkpoint import checkpoint_path, load_model
+from .cli import parse_overrides
+from .data import DataError, decode_bytes, encode_bytes
+from .shards import path_kind, read_regular_file
 from .validate import check_fields, ranges
 
 

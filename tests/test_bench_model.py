@@ -85,6 +85,16 @@ def test_a_failed_row_is_reported_in_its_table_row():
     assert bench_model.ratios([row]) == []
 
 
+def test_the_timed_step_is_the_training_loops_own(monkeypatch):
+    """bench gpu times train.train_step, expert-bias update included (it once rewrote the step without it)."""
+    from minimoe import train
+    calls = []
+    real = train.update_expert_bias
+    monkeypatch.setattr(train, "update_expert_bias", lambda model, rt: calls.append(1) or real(model, rt))
+    cfg, tcfg = bench_model.model_spec("moe+bias@tiny-moe")
+    row = bench_model.time_training(cfg, tcfg, torch.device("cpu"), torch.float32, compile=False, batch_size=2,
+                                    seq_len=16, steps=2, warmup=1)
+    assert len(calls) == 3 and row["tokens_per_sec"] > 0
 # --------------------------------------------------------------------------- bad input: one line, before any timing
 
 def _refused(argv, capsys, monkeypatch, says):

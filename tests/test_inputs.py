@@ -26,13 +26,16 @@ import torch
 
 import train_gpt
 import train_small
-from minimoe import data, plots, prepare
-from minimoe.data import BatchSampler, Corpus, DataError, load_corpus, remove_stale_tmp, write_shard
+from minimoe import data, plots, prepare, shards
+from minimoe.data import BatchSampler, Corpus, DataError, load_corpus
+from minimoe.shards import write_shard
+from minimoe.files import remove_stale_tmp
 from minimoe.dispatch import load_entropy
 from minimoe.metrics import Rule, evaluate_rule
 from minimoe.model import GPT, GPTConfig
 from minimoe.sample import SampleConfig
-from minimoe.train import TrainConfig, estimate_loss, help_text, parse_overrides
+from minimoe.cli import help_text, parse_overrides
+from minimoe.train import TrainConfig, estimate_loss
 from minimoe.validate import check_fields, interval, show, unranged_fields
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -310,9 +313,9 @@ def test_binary_junk_says_what_is_accepted(tmp_path):
 def test_read_regular_file_reads_exactly_the_size(tmp_path):
     path = tmp_path / "a.txt"
     path.write_bytes(b"abc")
-    assert data.read_regular_file(path) == b"abc"
+    assert shards.read_regular_file(path) == b"abc"
     with pytest.raises(DataError, match="is a character device"):
-        data.read_regular_file("/dev/zero")
+        shards.read_regular_file("/dev/zero")
 
 
 # --------------------------------------------------------------------------- 3. environment problems
@@ -485,7 +488,7 @@ def test_plots_and_the_table_say_nats(tmp_path, monkeypatch):
     assert len(shown) >= 3 and all("nats" in t for t in shown), shown
     result = {"params_total": 1e6, "params_active": 5e5, "val_loss": 2.0, "val_bpb": 2.9, "tokens_per_sec": 100,
               "ent_load": 1.3, "ent_conf": 1.1, "routing": rows[-1]["routing"]}
-    header = train_small.results_table({"moe": [result]}).splitlines()[0]
+    header = train_small.models_table({"moe": [result]}).splitlines()[0]
     assert "Ent_load (nats, max 1.386)" in header and "Ent_conf (nats)" in header
 
 
@@ -512,7 +515,7 @@ def test_a_corrupt_progress_file_is_one_line(tmp_path, content, capsys):
 def tiny_ckpt(tmp_path_factory):
     """A byte-level checkpoint with block_size 16, saved as train.py saves one (no training needed)."""
     from dataclasses import asdict
-    from minimoe.train import save_checkpoint
+    from minimoe.checkpoint import save_checkpoint
     out = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=1, n_embd=16, ffn="dense", d_ffn=32)
@@ -639,7 +642,7 @@ def test_sample_paths_special_files_and_tilde(tmp_path, monkeypatch, tiny_ckpt):
 
 
 def test_ctrl_c_while_sampling_is_one_line():
-    code = ("import os, runpy, signal, sys; import minimoe.train as t; "
+    code = ("import os, runpy, signal, sys; import minimoe.checkpoint as t; "
             "t.load_model = lambda *a: os.kill(os.getpid(), signal.SIGINT); "      # Ctrl-C while it loads
             "sys.argv = ['sample', '--device=cpu', '--out_dir=/nonexistent']; "
             "runpy.run_module('minimoe.sample', run_name='__main__')")

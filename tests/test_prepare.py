@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from minimoe import prepare
-from minimoe.data import Corpus, DataError, ShardedArray, load_corpus, read_shard
+from minimoe.data import Corpus, DataError, load_corpus
+from minimoe.shards import ShardedArray, read_shard
 from minimoe.prepare import main, write_shards
 
 
@@ -214,7 +215,7 @@ def test_gpt2_without_tiktoken(tmp_path, monkeypatch, capsys):
 def _count_progress_writes(monkeypatch):
     """{"writes": n, "bytes": b} of progress.json, however prepare writes it."""
     seen = {"writes": 0, "bytes": 0}
-    real = prepare._atomic_write
+    real = prepare.atomic_write
 
     def counting(path, chunks):
         chunks = list(chunks)
@@ -222,7 +223,7 @@ def _count_progress_writes(monkeypatch):
             seen["writes"] += 1
             seen["bytes"] += sum(len(c) for c in chunks)
         return real(path, chunks)
-    monkeypatch.setattr(prepare, "_atomic_write", counting)
+    monkeypatch.setattr(prepare, "atomic_write", counting)
     return seen
 
 

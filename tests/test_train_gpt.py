@@ -14,7 +14,8 @@ import torch
 
 import train_gpt
 from minimoe import presets
-from minimoe.data import DataError, write_shard
+from minimoe.data import DataError
+from minimoe.shards import write_shard
 from minimoe.model import GPTConfig
 from minimoe.presets import PRESETS, count, get_preset
 
@@ -116,7 +117,8 @@ def test_presets_main_prints_both_tables(capsys):
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_preset_training_defaults_are_valid(name):
-    from minimoe.train import TrainConfig, grad_accum_steps
+    from minimoe.runtime import grad_accum_steps
+    from minimoe.train import TrainConfig
     p = get_preset(name)
     cfg = TrainConfig(**p.train_defaults())            # validates every field
     block = p.model_config().block_size
