@@ -168,6 +168,11 @@ def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         return model.state_dict(), optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     model_sd = get_model_state_dict(model, options=_options())
+    if not optimizer.state:
+        # Before the first step there is no state, only the groups: the optimizer's own state_dict()
+        # is already the one-process one. (get_optimizer_state_dict would first run optimizer.step()
+        # at lr 0 to create the state, and AdamW's step count would start at 1: another run.)
+        return (model_sd, optimizer.state_dict()) if model_sd else ({}, {})
     named = get_optimizer_state_dict(model, optimizer, options=_options())   # keyed by parameter name
     if not model_sd:                                             # rank > 0: nothing to save
         return {}, {}
@@ -193,6 +198,9 @@ def load_full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_sd, options=options)
     if optimizer is None:
+        return
+    if not optim_sd["state"]:              # saved before the first step: groups only (see full_state_dicts)
+        optimizer.load_state_dict(optim_sd)
         return
     names = _param_names(model, optimizer)
     named = {"state": {names[i]: state for i, state in optim_sd["state"].items()},

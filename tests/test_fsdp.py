@@ -103,9 +103,10 @@ def worker(out: Path) -> None:
         if master:
             torch.save(state, out / name)
 
-    # 1. FSDP training, checkpointed in the middle
+    # 1. FSDP training, checkpointed before step 0 (as train() does) and in the middle
     model = fsdp.shard(make())
     opt = optimizer(model)
+    save("fsdp_init.pt", full_state(model, opt))
     l1, n1 = run_steps(model, opt, range(MID), accum, rank=rank, world=WORLD)
     save("fsdp_mid.pt", full_state(model, opt))
     dist.barrier()
@@ -190,6 +191,8 @@ def test_fsdp_matches_one_process_with_accumulation(runs):
 
 
 def test_full_state_dict_has_the_one_process_format_and_round_trips(runs):
+    fresh = make()
+    assert_same_format(load(runs, "fsdp_init.pt"), full_state(fresh, optimizer(fresh)))   # no state yet
     mid = load(runs, "fsdp_mid.pt")
     assert_same_format(mid, load(runs, "one_mid.pt"))
     assert list(mid["model"]) == list(make().state_dict())           # incl. lm_head (tied) and expert_bias
