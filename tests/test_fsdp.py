@@ -136,6 +136,7 @@ def worker(out: Path) -> None:
                                                                 world=WORLD)))
     if master:
         (out / "results.json").write_text(json.dumps(results))
+    dist.barrier()                  # no rank closes its connections while the other still reads from them
     dist.destroy_process_group()
 
 
