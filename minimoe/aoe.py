@@ -31,9 +31,10 @@ import math
 import torch
 import torch.nn as nn
 
+from . import init
 from .balance import init_expert_bias, record_load
-from .dispatch import (Routing, aux_losses, combine, compute_dtype, gather_rows, grouped_mm, plan_dispatch,
-                       resolve_impl, route, row_norms, scoring_matmul, swiglu_experts)
+from .dispatch import (Routing, aux_coef_per_layer, aux_losses, combine, compute_dtype, gather_rows, grouped_mm,
+                       plan_dispatch, resolve_impl, route, row_norms, scoring_matmul, swiglu_experts)
 
 
 def d_wide_for_matched_params(n_embd: int, d_ffn: int, d_low: int, multiple_of: int = 8) -> int:
@@ -53,7 +54,9 @@ class AoE(nn.Module):
         D, E, L, W = config.n_embd, config.n_experts, config.low_dim, config.wide_dim
         self.n_experts, self.top_k, self.d_low = E, config.top_k, L
         self.renormalize = config.norm_topk
-        self.aux_loss_coef, self.z_loss_coef = config.aux_loss_coef, config.z_loss_coef
+        self.aux_loss_coef = aux_coef_per_layer(config.aux_loss_coef, config.aux_loss_reduce, config.n_expert_layers,
+                                                config.top_k)   # alpha for this layer's Eq. 6 term
+        self.z_loss_coef = config.z_loss_coef
         self.dispatch = config.dispatch
         self.fp32_scores = config.fp32_scores
         self.w_down = nn.Parameter(torch.empty(D, E * L))   # expert i owns columns i*L:(i+1)*L
@@ -61,17 +64,19 @@ class AoE(nn.Module):
         self.w_p = nn.Parameter(torch.empty(E, D, W))       # W_p^i
         self.w_o = nn.Parameter(torch.empty(E, W, D))       # W_o^i
         std, out_std = config.init_std, config.init_std / math.sqrt(2 * config.n_layer)
-        for w in (self.w_down, self.w_p):
-            nn.init.normal_(w, std=std)
-        nn.init.normal_(self.w_up, std=config.w_up_init_std or 1 / math.sqrt(L))   # see the docstring
-        nn.init.normal_(self.w_o, std=out_std)
+        # W_down is drawn as (E, D, L), the layout of moe-lowrank's W_down, so that control starts equal (init.py)
+        init.normal_(self.w_down, std, draw_shape=(E, D, L),
+                     arrange=lambda w: w.permute(1, 0, 2).reshape(D, E * L))
+        init.normal_(self.w_p, std)
+        init.normal_(self.w_up, config.w_up_init_std or 1 / math.sqrt(L))   # see the docstring
+        init.normal_(self.w_o, out_std)
         init_expert_bias(self, E, config.bias_update_rate)  # buffer expert_bias (E,) or None
         self.last_routing: Routing | None = None            # routing of the last forward, detached
 
     def forward(self, x):
         B, T, D = x.shape
         x = x.reshape(-1, D)                                # (N, D)
-        impl = resolve_impl(self.dispatch, x)
+        impl = resolve_impl(self.dispatch, x, self.top_k)  # 'direct' for a decode step (dispatch.py)
 
         # --- scoring: every expert computes its low-rank activation, ranked by its L2 norm ---
         a = scoring_matmul(x, self.w_down, self.fp32_scores).view(-1, self.n_experts, self.d_low)  # (N, E, L) cache C
@@ -79,8 +84,8 @@ class AoE(nn.Module):
         record_load(self, r.experts)
 
         # --- the chosen experts finish Eq. 1, starting from their cached a_i ---
-        plan = plan_dispatch(r.experts, self.n_experts)
-        x_s = gather_rows(x, plan.token)                     # (S, D) token rows, grouped by expert
+        plan = plan_dispatch(r.experts, self.n_experts, impl)
+        x_s = gather_rows(x, plan.token)                     # (S, D) token rows, grouped by expert (direct: not)
         a_s = gather_rows(a.view(-1, self.d_low), plan.token * self.n_experts + plan.expert)  # (S, L) a_i of each slot
         g = grouped_mm(a_s.to(compute_dtype(x)), self.w_up, plan, impl)  # (S, W) a_i W_up^i, compute dtype
         y = swiglu_experts(x_s, g, self.w_p, self.w_o, plan, impl)  # (S, D)

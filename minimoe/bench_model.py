@@ -17,7 +17,8 @@ is not measured). CUDA is synchronized before each clock read.
                  FLOPs are active-parameter FLOPs: a token pays for K experts (AoE: plus all W_down)
     peak memory  torch.cuda.max_memory_allocated over the timed steps: weights, AdamW state,
                  gradients and activations (CUDA only)
-    sampling     tokens/s of GPT.generate, batch 1, with and without the KV cache (eval, autocast)
+    sampling     tokens/s of GPT.generate, batch 1, with and without the KV cache (eval, autocast), with
+                 the first --dispatch that runs (a cached decode step takes dispatch.py's direct path either way)
 
 Then AoE / MoE ratios of tokens/s and memory for each (compile, dispatch), next to the paper's
 Table 4 (arXiv 2501.13074; its 732M models on its hardware, experts run one after another like our
@@ -196,8 +197,8 @@ def markdown(meta: dict, rows: list[dict], ratio_rows: list[dict], samples: list
     ratio = [[r["model"], r["moe"], str(r["d_low"]), on(r), r["dispatch"], f"{r['throughput']:.3f}",
               _f(r["paper_throughput"], ".3f"), _f(r["memory"], ".3f"), _f(r["paper_memory"], ".3f")]
              for r in ratio_rows]
-    sampling = [[s["model"], str(s["prompt"]), str(s["new_tokens"]), f"{s['no_cache']:,.1f}", f"{s['cache']:,.1f}",
-                 f"{s['speedup']:.2f}x", "yes" if s["same_tokens"] else "no"] for s in samples]
+    sampling = [[s["model"], s["dispatch"], str(s["prompt"]), str(s["new_tokens"]), f"{s['no_cache']:,.1f}",
+                 f"{s['cache']:,.1f}", f"{s['speedup']:.2f}x", "yes" if s["same_tokens"] else "no"] for s in samples]
     lines = [f"# minimoe.bench gpu: {meta['device_name']}, torch {meta['torch']}, {meta['dtype']}"
              f"{' autocast' if meta['dtype'] != 'fp32' else ''}, "
              f"{meta['steps']} timed training steps after {meta['warmup']} warmup", "",
@@ -209,8 +210,8 @@ def markdown(meta: dict, rows: list[dict], ratio_rows: list[dict], samples: list
                              "memory ratio", "paper"], ratio)]
     if sampling:
         lines += ["", "Sampling (GPT.generate, batch 1, greedy, eager)", "",
-                  *md_table(["model", "prompt", "new tokens", "no cache tok/s", "KV cache tok/s", "speedup",
-                             "same tokens"], sampling)]
+                  *md_table(["model", "dispatch", "prompt", "new tokens", "no cache tok/s", "KV cache tok/s",
+                             "speedup", "same tokens"], sampling)]
     return "\n".join(lines)
 
 
@@ -294,7 +295,11 @@ def main(argv=None) -> dict:
                 print(f"{spec} compile={'on' if compile else 'off'} dispatch={dispatch}: "
                       + (row["error"] if "error" in row else f"{row['tokens_per_sec']:,.0f} tokens/s"), flush=True)
         if sample_tokens:
-            samples.append(dict(model=spec, **time_sampling(cfg, device, dtype, a.sample_prompt, sample_tokens)))
+            runs = [d for d in dispatches if d != "grouped" or grouped_ok] or ["auto"]
+            dispatch = runs[0] if cfg.ffn != "dense" else "-"
+            sample_cfg = replace(cfg, dispatch=dispatch if dispatch != "-" else "auto")
+            samples.append(dict(model=spec, dispatch=dispatch,
+                                **time_sampling(sample_cfg, device, dtype, a.sample_prompt, sample_tokens)))
             free_memory(device)
 
     meta = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if cuda else "CPU",

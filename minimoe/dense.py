@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import init
+
 
 class DenseFFN(nn.Module):
 
@@ -22,9 +24,9 @@ class DenseFFN(nn.Module):
         self.w_p = nn.Linear(D, H, bias=False)   # "up"/projection branch
         self.w_o = nn.Linear(H, D, bias=False)   # back to the residual stream
         std, out_std = config.init_std, config.init_std / math.sqrt(2 * config.n_layer)
-        nn.init.normal_(self.w_g.weight, std=std)
-        nn.init.normal_(self.w_p.weight, std=std)
-        nn.init.normal_(self.w_o.weight, std=out_std)  # GPT-2: scale residual writes by depth
+        init.normal_(self.w_g.weight, std)
+        init.normal_(self.w_p.weight, std)
+        init.normal_(self.w_o.weight, out_std)  # GPT-2: scale residual writes by depth
 
     def forward(self, x):
         # x: (B, T, D) -> (B, T, D), plus an auxiliary loss (none for a dense layer)

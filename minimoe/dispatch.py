@@ -20,6 +20,14 @@ Dispatch is dropless (no capacity factor): every token gets all K of its experts
 torchtitan/megablocks. The fast path sorts the slots by expert and runs `torch._grouped_mm`
 (one kernel for all experts); the reference path is a plain Python loop over experts.
 Tests hold the two equal, and both equal a per-token loop written in the tests.
+
+A decode step (generation with a KV cache) routes one token per sequence: sorting N*K = 2 slots and
+launching grouped kernels costs more than the matmuls. Without autograd and with few slots,
+`resolve_impl` picks "direct" instead: the slots stay in token order and each one multiplies by its own
+expert's matrix, w[e] (a view: no copy, no sort). Tests hold it equal to the other two. It reads the K
+chosen ids back to the host (on a GPU, one sync per layer); gathering w[experts] into a (S, D, H) copy
+for one batched matmul avoids that, but on this 2-core CPU its copies made the layer no faster than the
+sorted path.
 """
 
 from contextlib import nullcontext
@@ -31,6 +39,12 @@ import torch
 import torch.nn.functional as F
 
 DISPATCH_IMPLS = ("auto", "grouped", "loop")
+AUX_REDUCTIONS = ("sum", "mean", "mean/k")   # how a model combines its layers' Eq. 6 terms (aux_coef_per_layer)
+# The direct path runs one small matmul per slot, so it pays only while the slots are few. Measured (2 CPU
+# threads, D=128, E=4, K=2, no grad; the layer's median time, interleaved): it beats the sorted path at
+# N=1 (MoE 135 vs 185 us, AoE 139 vs 168) and N=2, ties at N=3, loses from N=4 (S=8) on. Training
+# (autograd on) always takes the sorted path: its backward is what the tests hold to the per-token loop.
+DIRECT_MAX_SLOTS = 4
 
 
 # --------------------------------------------------------------------------- gating
@@ -74,8 +88,9 @@ class DispatchPlan:
     token: torch.Tensor    # (S,) token row that each sorted slot reads
     expert: torch.Tensor   # (S,) expert of each sorted slot (non-decreasing)
     slot: torch.Tensor     # (S,) flat index n*K+k of each sorted slot, to pick its gate
-    counts: torch.Tensor   # (E,) slots per expert
-    offsets: torch.Tensor  # (E,) int32 cumulative counts: group e is rows offsets[e-1]:offsets[e]
+    counts: torch.Tensor | None   # (E,) slots per expert (None: the direct plan, slots in token order)
+    offsets: torch.Tensor | None  # (E,) int32 cumulative counts: group e is rows offsets[e-1]:offsets[e]
+    expert_ids: list[int] | None = None   # the direct plan's `expert` as Python ints
 
     @property
     def bounds(self) -> list[int]:
@@ -89,10 +104,14 @@ def count_per_expert(flat: torch.Tensor, n_experts: int) -> torch.Tensor:
     return flat.new_zeros(n_experts).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def plan_dispatch(experts: torch.Tensor, n_experts: int) -> DispatchPlan:
-    """Sort the (N, K) expert choices into contiguous per-expert groups."""
+def plan_dispatch(experts: torch.Tensor, n_experts: int, impl: str = "grouped") -> DispatchPlan:
+    """Sort the (N, K) expert choices into contiguous per-expert groups (impl 'direct': keep token order)."""
     N, K = experts.shape
     flat = experts.reshape(-1)                                 # (S,)
+    if impl == "direct":                                       # slot n*K+k stays at row n*K+k
+        slot = torch.arange(flat.shape[0], device=flat.device)
+        return DispatchPlan(token=slot // K, expert=flat, slot=slot, counts=None, offsets=None,
+                            expert_ids=flat.tolist())
     slot = torch.argsort(flat, stable=True)                    # (S,) stable: tokens keep their order
     counts = count_per_expert(flat, n_experts)                 # (E,)
     offsets = torch.cumsum(counts, dim=0).to(torch.int32)      # (E,)
@@ -130,8 +149,9 @@ class _RowNorms(torch.autograd.Function):
 
 
 def row_norms(a: torch.Tensor) -> torch.Tensor:
-    """L2 norms over the last dim, e.g. AoE's scores ||a_i||.   (..., L) -> (...)"""
-    return _RowNorms.apply(a)
+    """L2 norms over the last dim, e.g. AoE's scores ||a_i||.   (..., L) -> (...)
+    Without autograd, torch's norm itself (the same kernel, without the Function's bookkeeping)."""
+    return _RowNorms.apply(a) if torch.is_grad_enabled() else torch.linalg.vector_norm(a, dim=-1)
 
 
 @lru_cache(maxsize=None)
@@ -170,11 +190,14 @@ def scoring_matmul(x: torch.Tensor, w: torch.Tensor, fp32: bool = True) -> torch
         return x.to(dt) @ w.to(dt)
 
 
-def resolve_impl(impl: str, x: torch.Tensor) -> str:
+def resolve_impl(impl: str, x: torch.Tensor, top_k: int | None = None) -> str:
     """'auto' -> 'grouped' where torch._grouped_mm runs for x's device and compute dtype, else 'loop'.
-    Under torch.compile, 2.13's tracer accepts _grouped_mm in bf16 only, so fp32 takes the loop."""
+    Under torch.compile, 2.13's tracer accepts _grouped_mm in bf16 only, so fp32 takes the loop.
+    Any impl -> 'direct' for a decode-sized step: no autograd and N*top_k <= DIRECT_MAX_SLOTS."""
     if impl not in DISPATCH_IMPLS:
         raise ValueError(f"dispatch={impl!r} is not one of {DISPATCH_IMPLS}")
+    if top_k is not None and not torch.is_grad_enabled() and x.shape[0] * top_k <= DIRECT_MAX_SLOTS:
+        return "direct"
     if impl == "auto":
         dtype = compute_dtype(x)
         if torch.compiler.is_compiling():   # no probing inside a trace: decide from the dtype alone
@@ -187,6 +210,8 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, plan: DispatchPlan, impl: str) -> torch.Tensor:
     """y[rows of group e] = x[rows of group e] @ w[e].   x (S, I), w (E, I, O) -> (S, O)."""
+    if impl == "direct":   # row s @ w[its expert]: a view, no copy (matmul casts under autocast)
+        return torch.cat([x[s:s + 1] @ w[e] for s, e in enumerate(plan.expert_ids)], dim=0)
     if impl == "grouped":
         # _grouped_mm is not autocast-aware: cast both operands to the compute dtype ourselves.
         # Its backward wants dense strides; .contiguous() is free when they already are.
@@ -199,6 +224,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, plan: DispatchPlan, impl: str) 
 
 def combine(y: torch.Tensor, gates: torch.Tensor, plan: DispatchPlan, n_tokens: int) -> torch.Tensor:
     """out[n] = sum_k gates[n, k] * y[slot of (n, k)].   y (S, D), gates (N, K) -> (N, D)."""
+    if plan.offsets is None:   # direct plan: slot n*K+k is row n*K+k, so sum a (N, K, D) view over K
+        return (y.float().view(n_tokens, -1, y.shape[-1]) * gates.unsqueeze(-1)).sum(1).to(y.dtype)
     w = gates.reshape(-1)[plan.slot]                           # (S,) fp32 gate of each sorted slot
     out = y.new_zeros(n_tokens, y.shape[-1], dtype=torch.float32)  # (N, D) sum in fp32, then cast
     return out.index_add_(0, plan.token, y.float() * w[:, None]).to(y.dtype)
@@ -230,6 +257,33 @@ def load_balance_loss(r: Routing) -> torch.Tensor:
     f = expert_fraction(r.experts, E)                          # (E,)
     P = r.probs.mean(dim=0)                                    # (E,)
     return E * (f * P).sum()
+
+
+def aux_coef_per_layer(alpha: float, reduce: str, n_expert_layers: int, top_k: int) -> float:
+    """The weight of one layer's Eq. 6 term, so that the model's aux loss (the sum of its layers' terms) is
+
+        "sum"     alpha * sum_l  n sum_i f_i P_i      f sums to K; perfect balance gives alpha * K * L
+        "mean"    alpha * mean_l n sum_i f_i P_i      perfect balance gives alpha * K, whatever the depth
+        "mean/k"  alpha * mean_l n sum_i (f_i/K) P_i  f sums to 1; perfect balance gives alpha
+
+    The paper (Eq. 6, alpha = 0.01) defines one layer's term. How the others combine their layers:
+    - The AoE authors' released PyTorch layer (trestad/Autonomy-of-Experts, moe.py at commit 280e2276,
+      deleted later) returns n sum_i f_i P_i per layer with f summing to K, our term; the code that adds the
+      layers up (their internal "mirage" package) was never released, so their reduction is unknown.
+    - Hugging Face Mixtral (load_balancing_loss_func) concatenates every layer's logits and computes one
+      n sum_i mean_l(f_i) mean_l(P_i), f summing to K: about "mean" (it differs by a covariance over
+      layers, so one layer's imbalance can offset another's; we do not copy that).
+    - megablocks (batched_load_balancing_loss), which the authors' fast AoE version is built on, divides
+      by the number of layers and by K: "mean/k".
+    Our default is "mean": the authors' per-layer term, with the depth normalization that both libraries
+    their code derives from apply, so alpha means the same at 2 layers and at 24. Before Dec 2026 minimoe
+    used "sum" (2x "mean" at 2 expert layers, 12x at 12).
+    """
+    if reduce not in AUX_REDUCTIONS:
+        raise ValueError(f"aux_loss_reduce={reduce!r} is invalid: allowed values are {AUX_REDUCTIONS}")
+    if reduce == "sum":
+        return alpha
+    return alpha / n_expert_layers / (top_k if reduce == "mean/k" else 1)
 
 
 def aux_losses(r: Routing, aux_coef: float, z_coef: float) -> torch.Tensor:

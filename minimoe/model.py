@@ -22,9 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import init
 from .aoe import AoE, d_wide_for_matched_params
 from .dense import DenseFFN
-from .dispatch import DISPATCH_IMPLS, routing_stats
+from .dispatch import AUX_REDUCTIONS, DISPATCH_IMPLS, routing_stats
 from .moe import MoE
 from .router import ROUTER_KINDS
 from .validate import check_fields, ranges
@@ -58,12 +59,17 @@ class GPTConfig:
     moe_every: int = 1             # experts in every n-th layer (dense FFN of width d_ffn elsewhere)
     norm_topk: bool = True         # renormalize the K gate weights to sum to 1 (Alg. 1 & 2)
     aux_loss_coef: float = 0.01    # alpha of the load-balancing loss, Eq. 6 (0 turns it off)
+    aux_loss_reduce: str = "mean"  # Eq. 6 over layers: "mean", "sum" (before Dec 2026) or "mean/k" (megablocks);
+                                   # see dispatch.aux_coef_per_layer
     z_loss_coef: float = 0.0       # router z-loss weight (ST-MoE); 0 turns it off
     dispatch: str = "auto"         # "grouped" (torch._grouped_mm), "loop" (reference) or "auto"
     tie_embeddings: bool = True    # share the token embedding with the output head
     dropout: float = 0.0
     rope_theta: float = 10000.0
     init_std: float = 0.02         # normal(0, 0.02) as in the paper
+    init_rng: str = "named"        # "named": each parameter from its own generator keyed by (seed, name, shape),
+                                   # so variants share every common part at init (init.py); "sequential": the
+                                   # global RNG in construction order (every result before the change)
     w_up_init_std: float | None = None  # AoE W_up init; None: 1/sqrt(d_low), see aoe.py (0.02 = the paper's)
     # --- who picks the experts: AoE's successors and the paper's controls (variants.py names them) ---
     fp32_scores: bool = True       # router logits / x W_down in fp32 under autocast (torchtitan); false: compute dtype
@@ -91,6 +97,10 @@ class GPTConfig:
             bad("moe_every", f"must be between 1 and n_layer={self.n_layer}")
         if self.dispatch not in DISPATCH_IMPLS:
             bad("dispatch", f"allowed values are {DISPATCH_IMPLS}")
+        if self.aux_loss_reduce not in AUX_REDUCTIONS:
+            bad("aux_loss_reduce", f"allowed values are {AUX_REDUCTIONS}")
+        if self.init_rng not in init.INIT_RNGS:
+            bad("init_rng", f"allowed values are {init.INIT_RNGS}")
         # an upper bound on the parameters (every layer with the widest expert): a cheap product
         # of the sizes, so a typo like --n_layer=1000 --n_embd=65536 stops here, not in an OOM
         D, H = self.n_embd, max(self.ffn_dim, self.wide_dim if self.ffn == "aoe" else 0)
@@ -131,6 +141,10 @@ class GPTConfig:
 
     def is_expert_layer(self, i: int) -> bool:
         return self.ffn != "dense" and (i + 1) % self.moe_every == 0
+
+    @property
+    def n_expert_layers(self) -> int:
+        return sum(map(self.is_expert_layer, range(self.n_layer)))
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
@@ -188,8 +202,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.dropout, self.layer = config.n_head, config.dropout, layer
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        nn.init.normal_(self.qkv.weight, std=config.init_std)
-        nn.init.normal_(self.proj.weight, std=config.init_std / math.sqrt(2 * config.n_layer))
+        init.normal_(self.qkv.weight, config.init_std)
+        init.normal_(self.proj.weight, config.init_std / math.sqrt(2 * config.n_layer))
 
     def forward(self, x, cos, sin, kv_cache: KVCache | None = None):
         B, T, C = x.shape
@@ -234,14 +248,21 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm_f = nn.RMSNorm(config.n_embd)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        nn.init.normal_(self.wte.weight, std=config.init_std)
-        nn.init.normal_(self.lm_head.weight, std=config.init_std)
+        named = config.init_rng == "named"
+        # "named": one draw from torch's RNG seeds the whole model; the modules' own default draws (nn.Linear)
+        # are forked off, so the global RNG moves by that one draw whatever the variant (init.py)
+        seed = int(torch.randint(0, 2**62, (), device="cpu")) if named else None
+        with torch.random.fork_rng(devices=[], enabled=named):
+            self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+            self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+            self.norm_f = nn.RMSNorm(config.n_embd)
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            init.normal_(self.wte.weight, config.init_std)
+            init.normal_(self.lm_head.weight, config.init_std)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        if named:
+            init.init_named(self, seed)
         cos, sin = rope_cache(config.block_size, config.n_embd // config.n_head, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)   # derived, not saved
         self.register_buffer("rope_sin", sin, persistent=False)

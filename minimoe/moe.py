@@ -20,9 +20,10 @@ import math
 import torch
 import torch.nn as nn
 
+from . import init
 from .balance import init_expert_bias, record_load
-from .dispatch import (Routing, aux_losses, combine, gather_rows, grouped_mm, plan_dispatch,
-                       resolve_impl, route, swiglu_experts)
+from .dispatch import (Routing, aux_coef_per_layer, aux_losses, combine, gather_rows, grouped_mm,
+                       plan_dispatch, resolve_impl, route, swiglu_experts)
 from .erc import erc_flops, erc_loss
 from .router import Router
 
@@ -34,7 +35,9 @@ class MoE(nn.Module):
         D, E = config.n_embd, config.n_experts
         self.n_experts, self.top_k = E, config.top_k
         self.renormalize = config.norm_topk
-        self.aux_loss_coef, self.z_loss_coef = config.aux_loss_coef, config.z_loss_coef
+        self.aux_loss_coef = aux_coef_per_layer(config.aux_loss_coef, config.aux_loss_reduce, config.n_expert_layers,
+                                                config.top_k)   # alpha for this layer's Eq. 6 term
+        self.z_loss_coef = config.z_loss_coef
         self.erc_loss_coef, self.erc_alpha = config.erc_loss_coef, config.erc_alpha
         self.dispatch = config.dispatch
         self.router = Router(config)                        # W_r: the separate scorer
@@ -44,31 +47,31 @@ class MoE(nn.Module):
             self.register_parameter("w_g", None)
             self.w_down = nn.Parameter(torch.empty(E, D, L))  # W_down^i, but only the K chosen compute it
             self.w_up = nn.Parameter(torch.empty(E, L, H))    # W_up^i
-            nn.init.normal_(self.w_down, std=std)
-            nn.init.normal_(self.w_up, std=config.w_up_init_std or 1 / math.sqrt(L))   # as aoe.py
+            init.normal_(self.w_down, std)
+            init.normal_(self.w_up, config.w_up_init_std or 1 / math.sqrt(L))   # as aoe.py
         else:
             H = config.ffn_dim
             self.w_g = nn.Parameter(torch.empty(E, D, H))   # W_g^i stacked over experts
-            nn.init.normal_(self.w_g, std=std)
+            init.normal_(self.w_g, std)
         self.w_p = nn.Parameter(torch.empty(E, D, H))       # W_p^i
         self.w_o = nn.Parameter(torch.empty(E, H, D))       # W_o^i
-        nn.init.normal_(self.w_p, std=std)
-        nn.init.normal_(self.w_o, std=out_std)
+        init.normal_(self.w_p, std)
+        init.normal_(self.w_o, out_std)
         init_expert_bias(self, E, config.bias_update_rate)  # buffer expert_bias (E,) or None
         self.last_routing: Routing | None = None            # routing of the last forward, detached
 
     def forward(self, x):
         B, T, D = x.shape
         x = x.reshape(-1, D)                                # (N, D)
-        impl = resolve_impl(self.dispatch, x)
+        impl = resolve_impl(self.dispatch, x, self.top_k)  # 'direct' for a decode step (dispatch.py)
 
         # --- scoring: a separate router looks at x (fp32 logits) ---
         r = route(self.router(x), self.top_k, self.renormalize, self.expert_bias)  # (N, E) -> (N, K)
         record_load(self, r.experts)
 
         # --- the chosen experts compute Eq. 1 ---
-        plan = plan_dispatch(r.experts, self.n_experts)
-        x_s = gather_rows(x, plan.token)                     # (S, D) token rows, grouped by expert
+        plan = plan_dispatch(r.experts, self.n_experts, impl)
+        x_s = gather_rows(x, plan.token)                     # (S, D) token rows, grouped by expert (direct: not)
         g = self.gate_preactivation(x_s, plan, impl)         # (S, H) x W_g^i
         y = swiglu_experts(x_s, g, self.w_p, self.w_o, plan, impl)  # (S, D)
         out = combine(y, r.gates, plan, x.shape[0])          # (N, D) gate-weighted sum over K

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import init
 from .dispatch import scoring_matmul
 
 ROUTER_KINDS = ("linear", "mlp")
@@ -39,10 +40,10 @@ class Router(nn.Linear):
         self.fp32 = config.fp32_scores
         if R:
             self.w_in = nn.Parameter(torch.empty(R, D))     # W_r1 (stored transposed, like nn.Linear)
-            nn.init.normal_(self.w_in, std=config.init_std)
+            init.normal_(self.w_in, config.init_std)
         else:
             self.register_parameter("w_in", None)
-        nn.init.normal_(self.weight, std=config.init_std)
+        init.normal_(self.weight, config.init_std)
 
     def forward(self, x):                                        # x (N, D) -> logits (N, E)
         if self.w_in is not None:

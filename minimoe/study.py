@@ -39,6 +39,7 @@ import math
 import os
 from pathlib import Path
 import platform
+import shlex
 import statistics
 import sys
 import typing
@@ -50,8 +51,8 @@ from .data import load_corpus
 from .model import GPT, GPTConfig
 from .plots import (plot_entropy_per_layer, plot_final_losses, plot_loss_vs_cost, plot_losses,
                     plot_paired_differences, read_log)
-from .train import (TrainConfig, TrainingDiverged, _convert, grad_accum_steps, parse_overrides, resolve_device,
-                    train)
+from .train import (TrainConfig, TrainingDiverged, _convert, data_fingerprint, grad_accum_steps, parse_overrides,
+                    resolve_device, train, writable_folder)
 from . import variants as variants_module
 
 
@@ -155,8 +156,13 @@ def variant_list(text) -> list[str]:
     return names
 
 
-# a run's seed, length and folder come from the grid; tuning them would not be tuning
-UNTUNABLE = ("seed", "max_iters", "out_dir", "init_from")
+# a run's seed, length, folder and data come from the grid; the fields outside a run's identity (NOT_IDENTITY)
+# would give every grid point the same run: tuning any of them would report rows that never ran
+# fields that do not change what a run computes: left out of its identity (the hash). The data enters the
+# identity as its content's fingerprint (train.data_fingerprint), not as the --data string.
+NOT_IDENTITY = ("out_dir", "init_from", "progress", "threads", "log_interval", "wandb", "wandb_project",
+                "overwrite", "dispatch", "data", "parallel", "activation_checkpointing")
+UNTUNABLE = ("seed", "max_iters") + NOT_IDENTITY
 
 
 def tune_grid(text: str) -> list[dict]:
@@ -221,14 +227,12 @@ def studies() -> dict[str, Study]:
 def studies_help() -> str:
     return "studies (python -m minimoe.study NAME; the first is the default):\n" + "\n".join(
         f"  {name:<10} {s.about}" for name, s in studies().items()) + \
+        "\n  decompose  why AoE trails: blocks of paired arms, one cause each (python -m minimoe.study decompose " \
+        "--help)" + \
         "\nmodel variants:\n" + variants_module.variants_help()
 
 
 # --------------------------------------------------------------------------- runs
-
-# fields that do not change what a run computes: left out of its identity (the hash)
-NOT_IDENTITY = ("out_dir", "init_from", "progress", "threads", "log_interval", "wandb", "wandb_project",
-                "overwrite", "dispatch")
 
 
 @dataclass
@@ -247,12 +251,14 @@ class Run:
         return Path(self.train.out_dir)
 
 
-def make_run(variant, seed, budget, tuned, base: GPTConfig, cfg: TrainConfig, root: Path, tuning=False) -> Run:
+def make_run(variant, seed, budget, tuned, base: GPTConfig, cfg: TrainConfig, root: Path, data: str,
+             tuning=False) -> Run:
+    """The run of `variant` with the `tuned` field values; data: the corpus's fingerprint (part of the key)."""
     tuned_model = {k: v for k, v in tuned.items() if k in {f.name for f in fields(GPTConfig)}}
     mc = variants_module.variant_config(variant, replace(base, **tuned_model))
     tc = replace(cfg, **{k: v for k, v in tuned.items() if k not in tuned_model}, seed=seed, max_iters=budget)
-    ident = {"model": asdict(mc), "train": asdict(tc)}
-    for part in ident.values():
+    ident = {"model": asdict(mc), "train": asdict(tc), "data": data}
+    for part in (ident["model"], ident["train"]):
         for name in NOT_IDENTITY:
             part.pop(name, None)
     key = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
@@ -266,7 +272,12 @@ def load_result(run: Run) -> dict | None:
     path = run.dir / "result.json"
     if not path.exists():
         return None
-    r = json.loads(path.read_text())
+    try:
+        r = json.loads(path.read_text())
+        assert isinstance(r, dict)
+    except (ValueError, AssertionError):
+        raise ValueError(f"{path} is not a study result (damaged or edited JSON); delete it to train that run "
+                         f"again") from None
     return {**r, "tuned": run.tuned, "tuning": run.tuning} if r.get("key") == run.key else None
 
 
@@ -297,10 +308,11 @@ def run_one(run: Run, corpus) -> dict:
     s = sizes(run.model, grad_accum_steps(run.train, run.model.block_size, 1))
     train_s = r["tokens"] / r["tokens_per_sec"] if r.get("tokens_per_sec") else None
     result = {"key": run.key, "variant": run.variant, "seed": run.seed, "budget": run.budget,
-              "tuned": run.tuned, "tuning": run.tuning, **s, "train_s": train_s,
+              "tuned": run.tuned, "tuning": run.tuning, **s, "train_s": train_s, "threads": torch.get_num_threads(),
               "train_flops": s["flops_per_token"] * r["tokens"] + s["extra_flops_per_step"] * r["iters"],
               **{k: r.get(k) for k in ("val_loss", "val_bpb", "best_val_loss", "train_loss", "tokens", "iters",
-                                      "tokens_per_sec", "mfu", "ent_load", "ent_conf", "wall_s")},
+                                      "tokens_per_sec", "mfu", "ent_load", "ent_conf", "wall_s", "final_val_loss",
+                                      "final_val_se", "final_val_windows")},
               "routing": [{k: layer[k] for k in ("layer", "ent_load", "ent_conf", "load")}
                           for layer in r.get("routing") or []]}
     tmp = run.dir / "result.json.tmp"
@@ -421,6 +433,9 @@ def parse(argv) -> tuple[str, GPTConfig, TrainConfig, StudyConfig, set]:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["decompose"]:                  # a study of arms, not a grid (decompose.py)
+        from . import decompose
+        return decompose.main(argv[1:])
     name, base, cfg, grid, given = parse(argv)
     device = resolve_device(cfg.device)          # no CUDA for the gpu study: say so before any work
     corpus = load_corpus(cfg.data)
@@ -430,9 +445,12 @@ def main(argv=None) -> int:
         cfg = replace(cfg, sample_start="\n")
     variants, seeds, budgets = variant_list(grid.variants), seed_list(grid.seeds), budget_list(grid.budgets)
     points = tune_grid(grid.tune)
-    root = Path(cfg.out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python -m minimoe.study", name, *(a for a in argv if a.startswith("-"))])
+    root = writable_folder(cfg.out_dir)
+    command = shlex.join(["python", "-m", "minimoe.study", name, *(a for a in argv if a.startswith("-"))])
+    data = data_fingerprint(corpus)
+    # every run's config is built (and so validated) before the first one trains
+    for budget, v, g, seed in itertools.product(budgets, variants, points, seeds):
+        make_run(v, seed, budget, g, base, cfg, root, data)
 
     # every run of the study, in the order they train: the tuning grid, then seed by seed (so a
     # partial study already holds complete pairs)
@@ -440,7 +458,7 @@ def main(argv=None) -> int:
     if grid.tune:
         for budget, v, g in itertools.product(budgets, variants, points):
             runs[("tune", v, budget, json.dumps(g, sort_keys=True))] = \
-                make_run(v, grid.tune_seed, budget, g, base, cfg, root, tuning=True)
+                make_run(v, grid.tune_seed, budget, g, base, cfg, root, data, tuning=True)
     results = {}                                  # run key -> result, for every finished run
     for run in runs.values():
         if (r := load_result(run)) is not None:
@@ -477,7 +495,7 @@ def main(argv=None) -> int:
             best = {(v, b): best_tuned(results, v, b, points, runs) if grid.tune else {}
                     for b in budgets for v in variants}
             for seed, budget, v in itertools.product(seeds, budgets, variants):
-                run = make_run(v, seed, budget, best[(v, budget)], base, cfg, root)
+                run = make_run(v, seed, budget, best[(v, budget)], base, cfg, root, data)
                 main_runs.append(run)
                 if not do(run):
                     break

@@ -69,6 +69,7 @@ except ImportError:
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -92,9 +93,9 @@ RESUMABLE_MODEL_FIELDS = ("dispatch", "dropout")
 # where a run could never finish; evaluation and sampling stay short enough not to look like a hang.
 @ranges(max_iters="[1, 1e12]", eval_interval="[1, 1e12]", eval_iters="[1, 100000]", log_interval="[1, 1e12]",
         batch_size="[1, 65536]", total_batch_tokens="[1, 1e13]", learning_rate="(0, 1]", min_lr="[0, 1]",
-        warmup_iters="[0, 1e12]", lr_decay_iters="[1, 1e12]", weight_decay="[0, 1e3]", beta1="[0, 1)",
+        warmup_iters="[0, 1e12]", lr_decay_iters="[1, 1e12]", weight_decay="[0, 1e3]", w_down_lr_scale="(0, 1e3]", w_up_lr_scale="(0, 1e3]", beta1="[0, 1)",
         beta2="[0, 1)", grad_clip="[0, 1e6]", threads="[0, 4096]", seed="[0, 1e18]", peak_flops="(0, 1e21]",
-        sample_tokens="[0, 100000]", sample_start=MAY_BE_EMPTY)
+        final_eval_tokens="[0, 1e12]", sample_tokens="[0, 100000]", sample_start=MAY_BE_EMPTY)
 @dataclass
 class TrainConfig:
     # I/O
@@ -106,6 +107,8 @@ class TrainConfig:
     max_iters: int = 1000                # optimizer steps
     eval_interval: int = 100             # evaluate, log and checkpoint every this many steps
     eval_iters: int = 20                 # val batches per evaluation
+    final_eval_tokens: int = 2**20       # the final evaluation: up to this many val tokens, in windows spread over
+                                         # the whole val split (all of it when smaller); 0 turns it off
     log_interval: int = 10               # progress-bar update (and NaN check) every this many steps
     # batch
     batch_size: int = 16                 # sequences per micro-batch, per process
@@ -116,6 +119,8 @@ class TrainConfig:
     warmup_iters: int = 100              # linear warmup steps
     lr_decay_iters: int | None = None    # end of the cosine; None: max_iters
     weight_decay: float = 0.1            # on matrices only (not norms)
+    w_down_lr_scale: float = 1.0         # learning-rate multiplier of W_down in a factorized W_g (AoE, moe-lowrank)
+    w_up_lr_scale: float = 1.0           # the same for W_up (configure_optimizer says why)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0               # max gradient norm; 0 turns clipping off
@@ -414,10 +419,21 @@ def update_expert_bias(model: GPT, rt: Runtime) -> None:
 
 def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (embeddings, attention, experts, router, W_down) and
-    none on vectors (RMSNorm gains), as in nanoGPT. Fused kernel on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    none on vectors (RMSNorm gains), as in nanoGPT. Fused kernel on CUDA.
+
+    The two factors of a factorized W_g = W_down W_up (AoE, moe-lowrank) may step at their own multiple of the
+    learning rate (w_down_lr_scale, w_up_lr_scale; a group with key "lr_scale" each): AdamW moves every factor
+    by about lr per entry, so their product moves faster than one matrix would. At 1 (the default) there are
+    just the two groups above."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    scales = {"w_down": cfg.w_down_lr_scale, "w_up": cfg.w_up_lr_scale}
+    scaled = lambda n: n.rsplit(".", 1)[-1] if scales.get(n.rsplit(".", 1)[-1], 1) != 1 else None  # noqa: E731
+    params = [p for n, p in named if not scaled(n)]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups += [{"params": [p for n, p in named if scaled(n) == f], "weight_decay": cfg.weight_decay,
+                "lr_scale": scales[f]} for f in scales if any(scaled(n) == f for n, _ in named)]
+    params = [p for _, p in named]
     fused = params[0].device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
@@ -485,9 +501,53 @@ def estimate_loss(model: GPT, sampler: BatchSampler, eval_iters: int, rt: Runtim
             "routing": routing}
 
 
+@torch.no_grad()
+def final_val_loss(model: GPT, val, block_size: int, batch_size: int, max_tokens: int, rt: Runtime | None = None) -> dict:
+    """The end-of-run loss, kept apart from the periodic evaluations (a few fixed random batches, whose own
+    sampling error is shared by every run): non-overlapping windows of block_size + 1 tokens spread evenly over
+    the whole val split (every window when it holds at most max_tokens), each window's mean cross-entropy one
+    observation. Returns their mean (nats/token), its standard error (std of the window means / sqrt(windows):
+    how far another val set of this size could land), and the counts. Under DDP the windows are split; on one
+    process "window_losses" (float32 array, one per window, in val order) is returned too: two models scored on
+    the same windows give a paired difference whose error is far below either loss's (study.py reads them)."""
+    rt = rt or Runtime(next(model.parameters()).device, torch.float32)
+    T = block_size
+    total = (len(val) - 1) // T                                          # windows that fit
+    n = min(total, max(1, max_tokens // T))
+    starts = [(i * total // n) * T for i in range(n)]                     # evenly spread, no overlap
+    was_training = model.training
+    model.eval()
+    acc = torch.zeros(3, dtype=torch.float64)                              # sum, sum of squares, windows
+    windows = []
+    for b in range(rt.rank * batch_size, n, rt.world_size * batch_size):
+        rows = [torch.as_tensor(val[s:s + T + 1].astype("int64")) for s in starts[b:b + batch_size]]
+        xy = torch.stack(rows).to(rt.device)                             # (B, T+1)
+        x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()          # (B, T) each
+        with rt.autocast():
+            logits, _ = model(x, y)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")   # (B*T,)
+        per_window = ce.view(len(rows), T).mean(dim=1).double().cpu()    # (B,)
+        acc += torch.tensor([per_window.sum().item(), per_window.square().sum().item(), len(rows)], dtype=torch.float64)
+        windows.append(per_window.float())
+    if rt.ddp:
+        acc = acc.to(rt.device)
+        dist.all_reduce(acc)
+        acc = acc.cpu()
+    model.train(was_training)
+    s, ss, k = acc.tolist()
+    mean = s / k
+    var = max(ss / k - mean * mean, 0.0) * k / max(k - 1, 1)
+    out = {"final_val_loss": mean, "final_val_se": math.sqrt(var / k), "final_val_windows": int(k),
+           "final_val_tokens": int(k) * T}
+    if not rt.ddp:
+        out["window_losses"] = torch.cat(windows).numpy()
+    return out
+
+
 # --------------------------------------------------------------------------- 6. checkpoints and the out_dir
 
 CHECKPOINT = "ckpt.pt"
+FINAL_VAL_FILE = "final_val.npy"         # the final evaluation's loss per val window (final_val_loss)
 # What each key of a checkpoint must hold: load_model needs the first two, a resume all of them.
 CHECKPOINT_TYPES = {"model": dict, "model_config": dict, "optimizer": dict, "scaler": dict, "iter": int,
                     "train_config": dict, "sampler": dict, "best_val_loss": (int, float), "loss_sum": (int, float),
@@ -702,6 +762,19 @@ class OutDirLock:
             self.file = None
 
 
+def writable_folder(path, flag: str = "--out_dir") -> Path:
+    """Make `path` (and its parents) if needed and check that this process can create files in it: one line
+    naming it otherwise (a file in its place, a symlink loop, no permission)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):            # can this process create files here?
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}={path} is not a writable folder ({one_line(e, 120)}); use another {flag}") from None
+    return path
+
+
 @contextmanager
 def claim_out_dir(out_dir: Path, cfg: TrainConfig, checkpoint_bytes: int):
     """Rank 0, before step 0: the folder is writable, no other run uses it (held locked until the
@@ -709,13 +782,7 @@ def claim_out_dir(out_dir: Path, cfg: TrainConfig, checkpoint_bytes: int):
     save are removed, and the disk has room for a checkpoint."""
     if cfg.init_from == "resume" and not (out_dir / CHECKPOINT).exists():
         raise no_checkpoint(out_dir / CHECKPOINT)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):        # can this process create files here?
-            pass
-    except OSError as e:
-        raise ValueError(f"--out_dir={out_dir} is not a writable folder ({one_line(e, 120)}); use another "
-                         f"--out_dir") from None
+    writable_folder(out_dir)
     with OutDirLock(out_dir):
         refuse_overwrite(out_dir, cfg)
         for stale in out_dir.glob(f".{CHECKPOINT}.tmp*"):  # we hold the lock: no save is running
@@ -989,7 +1056,7 @@ def train_step(run: Run, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
     cross-entropy and aux loss, averaged over its micro-batches (detached, on the device)."""
     model, rt, optimizer, scaler = run.model, run.rt, run.optimizer, run.scaler
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)                  # lr_scale: see configure_optimizer
     ce, aux = torch.zeros((), device=rt.device), torch.zeros((), device=rt.device)
     for micro in range(run.accum):
         x, y = next(run.train_batches)
@@ -1175,6 +1242,15 @@ def results(run: Run, state: LoopState, interrupted: str | None) -> dict:
                   iters=state.iter, tokens=state.iter * run.tokens_per_step,
                   wall_s=time.perf_counter() - state.t_start, interrupted=interrupted, out_dir=str(run.out_dir),
                   model=model)
+    if cfg.final_eval_tokens and not interrupted:                       # every rank: the windows are split
+        result.update(final_val_loss(model, run.corpus.val, run.model_config.block_size, cfg.batch_size,
+                                     cfg.final_eval_tokens, rt))
+        if "window_losses" in result:                                    # one process: keep them for pairing
+            np.save(run.out_dir / FINAL_VAL_FILE, result.pop("window_losses"))
+        if rt.master:
+            tqdm.write(f"{run.model_config.ffn} final val {result['final_val_loss']:.4f} ± "
+                       f"{result['final_val_se']:.4f} nats (standard error over {result['final_val_windows']:,} "
+                       f"windows, {result['final_val_tokens']:,} of {len(run.corpus.val):,} val tokens)")
     if rt.master and not interrupted and cfg.sample_tokens:
         result["sample"] = write_sample(model, run.corpus, cfg, rt, run.out_dir / "sample.txt")
     return result

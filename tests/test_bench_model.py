@@ -37,6 +37,7 @@ def test_tiny_cpu_run_writes_tables_and_json(tmp_path, capsys):
     assert ratios[("tiny-aoe:d_low=64", "loop")]["paper_throughput"] == pytest.approx(0.968, abs=1e-3)  # Table 4
     assert ratios[("tiny-aoe", "loop")]["paper_throughput"] is None        # the paper has no d_low 16
     assert [s["model"] for s in r["sampling"]] == MODELS.split(",")
+    assert [s["dispatch"] for s in r["sampling"]] == ["-", "grouped", "grouped", "grouped"]   # the first --dispatch
     for s in r["sampling"]:
         assert s["same_tokens"] and s["speedup"] == s["cache"] / s["no_cache"]   # fp32: cache == reference
 

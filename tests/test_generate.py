@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minimoe import sample
+from minimoe import aoe, dispatch, moe, sample
 from minimoe.model import GPT, GPTConfig, KVCache
 
 TINY = dict(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=48, d_ffn=96, n_experts=4, top_k=2)
@@ -95,3 +95,29 @@ def test_sample_cli_names_the_renamed_flag():
     """--top_k is GPTConfig's experts per token; sample.py's token filter is --sample_top_k."""
     with pytest.raises(ValueError, match=r"unknown option --top_k: the token filter is --sample_top_k"):
         sample.main(["--top_k=5"])
+
+
+@pytest.mark.parametrize("ffn, kw", [("moe", {}), ("aoe", {}), ("moe", dict(bias_update_rate=0.1)),
+                                     ("aoe", dict(bias_update_rate=0.1)), ("moe", dict(expert_gate="lowrank")),
+                                     ("moe", dict(router="mlp")), ("aoe", dict(fp32_scores=False))])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_steps_take_the_direct_path_and_keep_the_tokens(ffn, kw, batch, monkeypatch):
+    """Batch 1 and 2 (N*K = 2, 4 slots): every cached decode step routes through dispatch's direct path,
+    and the tokens still equal the reference's (no cache: the sorted path throughout)."""
+    m = tiny_model(ffn, **kw)
+    if kw.get("bias_update_rate"):   # a bias that changes choices
+        for _, layer in m.expert_layers():
+            layer.expert_bias.copy_(torch.randn(4, generator=torch.Generator().manual_seed(2)))
+    impls = []
+    resolve = dispatch.resolve_impl
+    monkeypatch.setattr(dispatch, "resolve_impl", lambda *a: impls.append(resolve(*a)) or impls[-1])
+    for mod in (moe, aoe):
+        monkeypatch.setattr(mod, "resolve_impl", dispatch.resolve_impl)
+    out = {}
+    for use_cache in (True, False):
+        impls.clear()
+        gen = torch.Generator().manual_seed(7)
+        out[use_cache] = m.generate(prompt(batch), 20, temperature=1.0, generator=gen, use_cache=use_cache)
+        n_direct = impls.count("direct")
+        assert n_direct == (19 * m.config.n_layer if use_cache else 0)   # every step after the prefill
+    assert torch.equal(out[True], out[False])

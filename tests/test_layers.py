@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minimoe import dispatch
 from minimoe.aoe import AoE
 from minimoe.dispatch import Routing, gather_rows, load_balance_loss, plan_dispatch, route, routing_stats, row_norms
 from minimoe.model import GPTConfig
@@ -156,10 +157,11 @@ def test_aux_loss_is_k_at_perfect_balance_and_larger_when_imbalanced():
     scores = torch.tensor([4.0, 3.0] + [0.0] * (E - 2)).expand(N, E)
     skewed = route(scores, K)
     assert load_balance_loss(skewed).item() > K + 0.5
-    # and the layer returns alpha times it
-    layer = make("moe", aux_loss_coef=0.25)
-    _, aux = layer(torch.randn(1, 10, D))
-    assert aux.item() == pytest.approx(0.25 * load_balance_loss(layer.last_routing).item(), rel=1e-5)
+    # and the layer returns alpha times it, summing over layers; averaging, alpha / (the number of expert layers)
+    for reduce, share in (("sum", 0.25), ("mean", 0.25 / 2)):
+        layer = make("moe", aux_loss_coef=0.25, aux_loss_reduce=reduce)   # n_layer=2
+        _, aux = layer(torch.randn(1, 10, D))
+        assert aux.item() == pytest.approx(share * load_balance_loss(layer.last_routing).item(), rel=1e-5)
 
 
 def test_z_loss_is_added_when_enabled():
@@ -286,3 +288,57 @@ def test_aoe_gate_preactivation_starts_at_the_scale_of_the_moe():
         g_paper = ((x @ paper.w_down[:, :32]) @ paper.w_up[0]).std().item()
     assert abs(g_aoe / g_moe - 1) < 0.1
     assert g_paper / g_moe == pytest.approx(0.02 * 32 ** 0.5, rel=0.15)   # the paper's init: sqrt(L)/50
+
+
+DECODE_LAYERS = {**VARIANT_LAYERS, "moe": ("moe", {}), "aoe": ("aoe", {}),
+                 "moe-bf16-scores": ("moe", dict(fp32_scores=False)), "aoe-bf16-scores": ("aoe", dict(fp32_scores=False))}
+
+
+@pytest.mark.parametrize("name", DECODE_LAYERS)
+@pytest.mark.parametrize("n_tokens", [1, 2])
+@pytest.mark.parametrize("training", [False, True])
+def test_direct_decode_path_equals_the_sorted_path(name, n_tokens, training, monkeypatch):
+    """A decode-sized step without autograd (N*K <= DIRECT_MAX_SLOTS) takes the direct path, and gives the
+    sorted path's output, aux loss and routing; neither records bias load (no autograd: not a training step)."""
+    kind, kw = DECODE_LAYERS[name]
+    layer = make(kind, "grouped", **kw).train(training)
+    if layer.expert_bias is not None:
+        with torch.no_grad():
+            layer.expert_bias.copy_(torch.randn(E, generator=torch.Generator().manual_seed(5)) * 20)
+    x = torch.randn(n_tokens, 1, D)                          # B sequences, one new token each
+    with torch.no_grad():
+        assert dispatch.resolve_impl(layer.dispatch, x.view(-1, D), layer.top_k) == "direct"
+        y, aux = layer(x)
+        r = layer.last_routing
+        monkeypatch.setattr(dispatch, "DIRECT_MAX_SLOTS", 0)  # the sorted path (grouped_mm), same weights
+        y_ref, aux_ref = layer(x)
+    r_ref = layer.last_routing
+    assert torch.equal(r.experts, r_ref.experts)
+    for a, b in ((r.scores, r_ref.scores), (r.probs, r_ref.probs), (r.gates, r_ref.gates), (aux, aux_ref)):
+        assert torch.equal(a, b)                             # scoring is the same code: bit-equal
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6 * y_ref.abs().max().item())
+    torch.testing.assert_close(y, per_token_reference(layer, x.view(-1, D)).view_as(y), rtol=1e-4, atol=1e-4)
+    assert layer.load_counts is None
+
+
+def test_direct_path_only_without_autograd_and_for_few_slots():
+    x = torch.randn(dispatch.DIRECT_MAX_SLOTS // K, D)
+    with torch.no_grad():
+        assert dispatch.resolve_impl("loop", x, K) == "direct"
+        assert dispatch.resolve_impl("grouped", torch.randn(x.shape[0] + 1, D), K) != "direct"
+        assert dispatch.resolve_impl("grouped", x) == "grouped"   # no top_k (metrics.py): never direct
+    assert dispatch.resolve_impl("grouped", x, K) == "grouped"    # autograd on: training keeps the sorted path
+
+
+@pytest.mark.parametrize("kind", ["moe", "aoe"])
+def test_direct_path_under_bf16_autocast(kind, monkeypatch):
+    layer = make(kind, "grouped")
+    x = torch.randn(2, 1, D)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = layer(x)
+        experts = layer.last_routing.experts
+        monkeypatch.setattr(dispatch, "DIRECT_MAX_SLOTS", 0)
+        y_ref, _ = layer(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert torch.equal(experts, layer.last_routing.experts)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2 * y_ref.float().abs().max().item())
