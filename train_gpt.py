@@ -19,13 +19,16 @@ Data: the GPT-2-scale presets read the FineWeb-Edu shards that
 
 from dataclasses import dataclass
 import os
+import shlex
 import sys
 from pathlib import Path
 
 import torch
 
 from minimoe.presets import PRESETS, get_preset, size_line
-from minimoe.train import TrainConfig, TrainingDiverged, parse_overrides, resolve_device, train
+from minimoe.cli import parse_overrides
+from minimoe.runtime import resolve_device
+from minimoe.train import TrainConfig, TrainingDiverged, train
 from minimoe.validate import check_fields
 
 DEFAULT_PRESET = "gpt2-aoe"
@@ -66,16 +69,18 @@ def check_data(data: str, default_data: str, preset) -> None:
     if data == default_data and preset.prepare_command():
         how = f"{preset.prepare_command()}   (writes {data}; needs `pip install datasets tiktoken`)"
     else:
-        how = (f"python -m minimoe.prepare fineweb --out_dir={data}   (FineWeb-Edu, GPT-2 BPE; needs "
+        out = shlex.quote(f"--out_dir={data}")                  # a command to paste: quoted
+        how = (f"python -m minimoe.prepare fineweb {out}   (FineWeb-Edu, GPT-2 BPE; needs "
                f"`pip install datasets tiktoken`)\n  or: python -m minimoe.prepare text YOUR_TEXT "
-               f"--tokenizer=gpt2 --out_dir={data}")
+               f"--tokenizer=gpt2 {out}")
     raise ValueError(f"--data={data} does not exist. Prepare it first:\n  {how}\n"
                      f"or train on the built-in corpus without downloading anything: --data=stdlib")
 
 
 def write_plots(out_dir, label: str) -> list[str]:
     """The figures of train_small.py, for this one run, from its log.jsonl."""
-    from minimoe.plots import plot_expert_load, plot_losses, plot_routing_entropy, read_log
+    from minimoe.files import read_log
+    from minimoe.plots import plot_expert_load, plot_losses, plot_routing_entropy
     out_dir = Path(out_dir)
     logs = {label: read_log(out_dir)}
     plot_losses(logs, out_dir / "loss.png", title=f"{label}: validation loss vs tokens")
@@ -121,10 +126,16 @@ def main(argv=None) -> dict:
         files = write_plots(cfg.out_dir, f"{model_config.ffn} ({name})")
         print(f"wrote {', '.join(files)} to {cfg.out_dir}")
     if result["interrupted"] and rank0:
-        launcher = "torchrun [same options] train_gpt.py" if "WORLD_SIZE" in os.environ else "python train_gpt.py"
-        print(f"interrupted ({result['interrupted']}); continue with:  {launcher} "
-              f"{' '.join(a for a in argv if not a.startswith('--init_from'))} --init_from=resume")
+        print(f"interrupted ({result['interrupted']}); continue with:  {continue_command(argv)}")
     return result
+
+
+def continue_command(argv) -> str:
+    """The command that resumes this run: the same options with --init_from=resume, shell-quoted, so
+    that pasting it runs exactly this (an out_dir with spaces or `;` stays one argument)."""
+    launcher = "torchrun [same options] train_gpt.py" if "WORLD_SIZE" in os.environ else "python train_gpt.py"
+    keep = [a for a in argv if a.split("=")[0].replace("-", "_") != "__init_from"]
+    return f"{launcher} {shlex.join([*keep, '--init_from=resume'])}"
 
 
 if __name__ == "__main__":

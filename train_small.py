@@ -24,7 +24,6 @@ printed at the end. All the training machinery is minimoe/train.py; this file on
 from dataclasses import dataclass, replace
 from datetime import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,10 +33,14 @@ import torch
 
 from minimoe.data import load_corpus
 from minimoe.model import GPT, GPTConfig
-from minimoe.study import laptop_model, laptop_train
-from minimoe.plots import plot_expert_load, plot_losses, plot_routing_entropy, read_log
-from minimoe.train import (TrainConfig, TrainingDiverged, parse_overrides, refuse_overwrite, resolve_device,
-                           train)
+from minimoe.files import read_log
+from minimoe.hardware import describe_machine
+from minimoe.plots import plot_expert_load, plot_losses, plot_routing_entropy
+from minimoe.cli import parse_overrides
+from minimoe.outdir import refuse_overwrite
+from minimoe.presets import laptop_model, laptop_train
+from minimoe.runtime import resolve_device
+from minimoe.train import TrainConfig, TrainingDiverged, train
 from minimoe.validate import check_fields, ranges
 from minimoe.variants import VARIANTS, variant_config, variants_help
 
@@ -94,7 +97,7 @@ def fmt(values, digits):
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def results_table(results: dict) -> str:
+def models_table(results: dict) -> str:
     """Markdown table, one row per model kind: results[kind] is a list of train() results (seeds)."""
     max_ent = next((r[0]["routing"][0]["max_ent"] for r in results.values() if r[0].get("routing")), None)
     head = ["model", "params total", "params active", "val loss (nats)", "val bpb", "tokens/s",
@@ -110,16 +113,31 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [s.split(":", 1)[1].strip() for s in Path("/proc/cpuinfo").read_text().splitlines()
-                 if s.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
+def write_report(out: Path, argv, base: GPTConfig, cfg: TrainConfig, small: SmallConfig, corpus, kinds, results: dict,
+                 sizes: list[str], files: list[str], wall: float, run_dir) -> str:
+    """out/results.md: the command, the machine, the table, the models, the figures, a sample of each.
+    Returns the table."""
+    table = models_table(results)
+    command = "python train_small.py" + "".join(f" {a}" for a in argv)
+    seeds = f"mean ± std over {small.seeds} seeds ({cfg.seed}..{cfg.seed + small.seeds - 1}), " \
+        if small.seeds > 1 else f"seed {cfg.seed}, "
+    device = resolve_device(cfg.device)
+    report = [f"# train_small results\n", f"`{command}`\n",
+              f"- {datetime.now():%Y-%m-%d %H:%M}, {describe_machine(device)}, device {device}",
+              f"- wall time {wall:.0f} s in all; {seeds}{cfg.max_iters} steps x "
+              f"{results[kinds[0]][0]['tokens'] // cfg.max_iters} tokens = {results[kinds[0]][0]['tokens']:,} "
+              f"tokens per model",
+              f"- val loss on the same {cfg.eval_iters} x {cfg.batch_size} x {base.block_size} val tokens for "
+              f"every model; bpb = bits per byte; Ent_load (Eq. 7) and Ent_conf (Eq. 8) averaged over layers\n",
+              table, "", f"Models ({base.n_layer} layers x {base.n_embd}, {base.n_head} heads, context "
+              f"{base.block_size}, vocabulary {base.vocab_size}):\n", "```", *sizes, "```\n",
+              "Figures: " + ", ".join(files) + "\n"]
+    for kind in kinds:
+        sample_path = run_dir(kind, 0) / "sample.txt"
+        if sample_path.exists():
+            report += [f"Sample from {kind} (`{sample_path}`):\n", "```", sample_path.read_text()[:400], "```\n"]
+    (out / "results.md").write_text("\n".join(report))
+    return table
 
 
 def main(argv=None) -> int:
@@ -198,26 +216,7 @@ def main(argv=None) -> int:
     if plot_routing_entropy(logs, out / "routing.png", title=f"Routing statistics ({title})"):
         files.append("routing.png")
     wall = time.perf_counter() - t0
-    table = results_table(results)
-    command = "python train_small.py" + "".join(f" {a}" for a in argv)
-    seeds = f"mean ± std over {small.seeds} seeds ({cfg.seed}..{cfg.seed + small.seeds - 1}), " \
-        if small.seeds > 1 else f"seed {cfg.seed}, "
-    report = [f"# train_small results\n", f"`{command}`\n",
-              f"- {datetime.now():%Y-%m-%d %H:%M}, {machine()}, {cfg.threads or torch.get_num_threads()} "
-              f"thread(s), device {resolve_device(cfg.device)}",
-              f"- wall time {wall:.0f} s in all; {seeds}{cfg.max_iters} steps x "
-              f"{results[kinds[0]][0]['tokens'] // cfg.max_iters} tokens = {results[kinds[0]][0]['tokens']:,} "
-              f"tokens per model",
-              f"- val loss on the same {cfg.eval_iters} x {cfg.batch_size} x {base.block_size} val tokens for "
-              f"every model; bpb = bits per byte; Ent_load (Eq. 7) and Ent_conf (Eq. 8) averaged over layers\n",
-              table, "", f"Models ({base.n_layer} layers x {base.n_embd}, {base.n_head} heads, context "
-              f"{base.block_size}, vocabulary {base.vocab_size}):\n", "```", *sizes, "```\n",
-              "Figures: " + ", ".join(files) + "\n"]
-    for kind in kinds:
-        sample_path = run_dir(kind, 0) / "sample.txt"
-        if sample_path.exists():
-            report += [f"Sample from {kind} (`{sample_path}`):\n", "```", sample_path.read_text()[:400], "```\n"]
-    (out / "results.md").write_text("\n".join(report))
+    table = write_report(out, argv, base, cfg, small, corpus, kinds, results, sizes, files, wall, run_dir)
     print(f"\n{table}\n\nwrote {out}/results.md and {', '.join(files)} in {wall:.0f} s")
     return 0
 

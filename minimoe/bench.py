@@ -30,6 +30,7 @@ Their FLOPs, summed from the recorded shapes, equal the 6 * active-parameters ru
 
 import argparse
 from dataclasses import replace
+import re
 import statistics
 import sys
 import time
@@ -45,6 +46,45 @@ from .hardware import keep_freed_memory
 from .model import FFN_KINDS, GPTConfig
 from .moe import MoE
 from .variants import variant_config
+
+# --------------------------------------------------------------------------- the command line's checks
+# (shared by bench, bench gpu, sample and prepare; their home is a cli / runtime module once there is one)
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, `error: ...`, exit 2, like every minimoe command
+    (argparse's own prints the whole usage first). Subparsers made from it inherit it."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} ({self.prog} --help lists the options)\n")
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def pick_device(name, flag: str = "--device") -> torch.device:
+    """The device a command line names, checked before any work: an unknown name, a GPU that is not
+    there or an index past the last GPU is a one-line ValueError naming `flag` and what is allowed."""
+    from .runtime import resolve_device                   # the one place that resolves 'auto' and checks CUDA/MPS
+    if not isinstance(name, str) or not DEVICE.fullmatch(name):
+        raise ValueError(f"{flag}={name!r} is not a device: allowed are auto, cpu, cuda, cuda:N, mps")
+    try:
+        device = resolve_device(name)
+    except ValueError as e:
+        raise ValueError(str(e).replace("TrainConfig.device", flag)) from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{flag}={name}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}); pick one of those or --device=cpu")
+    return device
+
+
+def check_ints(parser, args, table: dict) -> None:
+    """parser.error (one line, exit 2) for the first int option outside its [low, high]; None passes
+    (the option's default applies). table: {name: (low, high)}."""
+    for name, (low, high) in table.items():
+        v = getattr(args, name)
+        if v is not None and not low <= v <= high:
+            parser.error(f"--{name}={v} is outside [{low}, {high}]; give a value in that range")
+
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "amp": torch.float32}   # amp: + bf16 autocast
 COST_VARIANTS = ("moe+bias", "aoe+bias", "moe+erc", "moe-lowrank", "moe-bigrouter")
@@ -161,22 +201,26 @@ def layer_names(amp: bool = False) -> list[str]:
     return base + ([f"{n} bf16-scores" for n in base[:2]] if amp else [])
 
 
-def bench_rows(D, F, E, K, L, tokens, device, dtype, repeats, dispatches, amp=False, layers=None, profile=(),
-               split=False):
+def layer_configs(D, F, E, K, L, amp=False):
+    """(name, layer class, GPTConfig) of every row for one (E, K, d_low); a bad value is a ValueError."""
     base = GPTConfig(n_layer=1, n_head=1, n_embd=D, n_experts=E, top_k=K, d_ffn=F, d_low=L,
                      aux_loss_coef=0.01)
-    variants = [
-        ("moe", MoE, replace(base, ffn="moe"), dispatches),
-        ("aoe=P", AoE, replace(base, ffn="aoe"), dispatches),
-        ("aoe=F", AoE, replace(base, ffn="aoe", d_wide=d_wide_for_matched_flops(D, F, E, K, L)), dispatches),
-        ("dense", DenseFFN, replace(base, ffn="dense", d_ffn=K * F), ["-"]),
-    ]
+    rows = [("moe", MoE, replace(base, ffn="moe")), ("aoe=P", AoE, replace(base, ffn="aoe")),
+            ("aoe=F", AoE, replace(base, ffn="aoe", d_wide=d_wide_for_matched_flops(D, F, E, K, L))),
+            ("dense", DenseFFN, replace(base, ffn="dense", d_ffn=K * F))]
     for name in COST_VARIANTS:
         cfg = variant_config(name, base)
-        variants.append((name, FFN_KINDS[cfg.ffn], cfg, dispatches[:1]))
+        rows.append((name, FFN_KINDS[cfg.ffn], cfg))
     if amp:   # what scoring in fp32 costs: the same layers scoring in the compute dtype (bf16)
-        variants += [(f"{n} bf16-scores", c, replace(cfg, fp32_scores=False), dispatches[:1])
-                     for n, c, cfg, _ in variants[:2]]
+        rows += [(f"{n} bf16-scores", c, replace(cfg, fp32_scores=False)) for n, c, cfg in rows[:2]]
+    return rows
+
+
+def bench_rows(D, F, E, K, L, tokens, device, dtype, repeats, dispatches, amp=False, layers=None, profile=(),
+               split=False):
+    # the first four rows in each dispatch, the variants and the bf16-scores rows in the first only
+    variants = [(name, cls, cfg, ["-"] if name == "dense" else dispatches if i < 3 else dispatches[:1])
+                for i, (name, cls, cfg) in enumerate(layer_configs(D, F, E, K, L, amp))]
     if layers:                                   # --layers: a subset, the MoE reference always kept
         variants = [v for v in variants if v[0] == "moe" or v[0] in layers]
     x = torch.randn(1, tokens, D, device=device, dtype=dtype, requires_grad=True)
@@ -264,8 +308,8 @@ def main(argv=None):
     if argv[:1] in (["gpu"], ["model"]):            # the whole-model benchmark (bench_model.py)
         from .bench_model import main as bench_model_main
         return bench_model_main(argv[1:])
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = OneLineParser(prog="python -m minimoe.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (CUDA if there is a GPU, else the CPU), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--tokens", type=int, default=4096, help="tokens per forward (B*T)")
     p.add_argument("--n_embd", type=int, default=256)
@@ -287,16 +331,28 @@ def main(argv=None):
     p.add_argument("--dispatch", default="", choices=["", "grouped", "loop"],
                    help="time one dispatch only (empty = grouped and loop where grouped runs)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    kept = args.malloc == "keep" and torch.device(args.device).type == "cpu" and keep_freed_memory()
+    # every check before any timing (and before --threads changes the process): one line, exit 2
+    check_ints(p, args, dict(threads=(0, 4096), tokens=(1, 2**31 - 1), n_embd=(1, 2**20), d_ffn=(1, 2**20),
+                             repeats=(1, 10**6)))
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     dtype, amp = DTYPES[args.dtype], args.dtype == "amp"
     try:
         configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]
         assert all(len(c) == 3 for c in configs)
     except (ValueError, AssertionError):
         p.error(f"--configs={args.configs!r}: expected 'E,K,d_low' triples separated by ';', e.g. '8,2,64;16,4,64'")
-    grouped = grouped_mm_available(torch.device(args.device).type, torch.bfloat16 if amp else dtype)
+    for E, K, L in configs:                      # every config is a valid layer, before the first is timed
+        try:
+            layer_configs(args.n_embd, args.d_ffn, E, K, L, amp)
+        except ValueError as e:
+            p.error(f"config E={E},K={K},d_low={L}: {e}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kept = args.malloc == "keep" and device.type == "cpu" and keep_freed_memory()
+    grouped = grouped_mm_available(device.type, torch.bfloat16 if amp else dtype)
     dispatches = ["grouped", "loop"] if grouped else ["loop"]
     if args.dispatch:
         if args.dispatch not in dispatches:
@@ -309,17 +365,18 @@ def main(argv=None):
         bad = [n for n in names if n not in known]
         if bad:
             p.error(f"{flag}: {', '.join(map(repr, bad))} not among {', '.join(known)}")
-    print(f"# minimoe.bench  device={args.device} dtype={args.dtype} tokens={args.tokens} n_embd={args.n_embd} "
+    print(f"# minimoe.bench  device={device} dtype={args.dtype} tokens={args.tokens} n_embd={args.n_embd} "
           f"d_ffn={args.d_ffn} threads={torch.get_num_threads()} torch={torch.__version__}"
           + (" malloc=keep" if kept else "")
           + ("" if grouped else "  (torch._grouped_mm unavailable here: loop only)"))
     all_rows = []
     for E, K, L in configs:
         try:
-            rows = bench_rows(args.n_embd, args.d_ffn, E, K, L, args.tokens, args.device, dtype, args.repeats, dispatches,
+            rows = bench_rows(args.n_embd, args.d_ffn, E, K, L, args.tokens, device, dtype, args.repeats, dispatches,
                               amp, layers, profiled, args.split)
-        except ValueError as e:
-            p.error(f"config E={E},K={K},d_low={L}: {e}")
+        except torch.OutOfMemoryError as e:
+            p.error(f"config E={E},K={K},d_low={L} with --tokens={args.tokens}: out of memory ({str(e).splitlines()[0][:120]}); "
+                    f"use fewer --tokens or a smaller --n_embd/--d_ffn")
         all_rows += rows
     print(format_table(all_rows))
     print(format_summary(all_rows))

@@ -8,9 +8,9 @@ A model is a preset (presets.py), optionally VARIANT@PRESET (variants.py, e.g. d
 ':field=INT' overrides (gpt2-aoe:d_low=64; AoE's d_wide then follows Eq. 5). For each model x
 torch.compile (off, on) x dispatch (grouped, loop; dense has none) it runs `warmup` training steps,
 not timed (compilation, autotuning and the allocator's growth happen there), then times `steps`
-steps of what train.py runs: forward + backward under autocast, grad clipping and AdamW (fused on
-CUDA), with the preset's optimizer settings and random tokens already on the device (the data loader
-is not measured). CUDA is synchronized before each clock read.
+steps of train.py's own train_step: forward + backward under autocast, grad clipping, AdamW (fused
+on CUDA) and the expert-bias update of aux-loss-free variants, with the preset's optimizer settings
+and random tokens already on the device (the data loader is not measured). CUDA is synchronized before each clock read.
 
     tokens/s     batch_size x seq_len x steps / seconds
     MFU          model.flops_per_token(seq_len) x tokens/s / the GPU's bf16 peak (hardware.py). The
@@ -30,17 +30,24 @@ OUT_DIR/bench_model.json.
 import argparse
 from dataclasses import fields, replace
 import gc
+import itertools
 import json
 from pathlib import Path
+import tempfile
 import time
 
 import torch
 
+from .bench import OneLineParser, check_ints, pick_device
+from .data import writing
+from .files import atomic_write
+from .shards import path_kind
 from .dispatch import grouped_mm_available
 from .hardware import keep_freed_memory, mfu, peak_flops
 from .model import GPT, GPTConfig
 from .presets import get_preset
-from .train import TrainConfig, configure_optimizer
+from .runtime import Runtime
+from .train import Run, TrainConfig, configure_optimizer, train_step
 from .variants import VARIANTS, variant_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -100,16 +107,16 @@ def time_training(cfg: GPTConfig, tcfg: TrainConfig, device, dtype, compile: boo
     opt = configure_optimizer(model, tcfg)                  # decay groups; fused AdamW on CUDA
     fwd = torch.compile(model) if compile else model        # as train.py: default (dynamic) shapes
     x, y = torch.randint(0, cfg.vocab_size, (2, batch_size, seq_len), device=device)   # (B, T) each
+    # train.py's own step (accumulation, clipping, AdamW, the expert-bias update) on one fixed batch;
+    # no corpus, evaluation, log or checkpoint: those are not timed
+    run = Run(cfg, tcfg, Runtime(device, dtype), corpus=None, model=model, fwd=fwd, optimizer=opt,
+              scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+              train_batches=itertools.repeat((x, y)), val_batches=None, accum=1,
+              tokens_per_step=batch_size * seq_len, fingerprint="", resumed=False, log=None)
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            _, loss = fwd(x, y)
-        loss.backward()
-        if tcfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        ce, aux = train_step(run, tcfg.learning_rate)
+        return ce + aux
 
     for _ in range(warmup):
         step()
@@ -126,7 +133,7 @@ def time_training(cfg: GPTConfig, tcfg: TrainConfig, device, dtype, compile: boo
     tok_s = batch_size * seq_len * steps / seconds
     flops = model.flops_per_token(seq_len)
     mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    del model, opt, fwd
+    del model, opt, fwd, run
     return dict(tokens_per_sec=tok_s, mfu=mfu(flops, tok_s, peak_flops(device)), peak_mem_bytes=mem,
                 flops_per_token=flops, ms_per_step=seconds / steps * 1e3, loss=loss.item())
 
@@ -218,9 +225,9 @@ def markdown(meta: dict, rows: list[dict], ratio_rows: list[dict], samples: list
 # --------------------------------------------------------------------------- command line
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m minimoe.bench gpu", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = OneLineParser(prog="python -m minimoe.bench gpu", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (CUDA if there is a GPU, else the CPU), cpu, cuda, cuda:N")
     p.add_argument("--models", default=None, help="comma-separated model specs (default: see above)")
     p.add_argument("--compile", default="both", choices=["off", "on", "both"],
                    help="torch.compile off, on, or both (on a CPU each compile takes tens of seconds)")
@@ -235,24 +242,17 @@ def main(argv=None) -> dict:
     p.add_argument("--out_dir", default="out-bench")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     a = p.parse_args(argv)
-    device = torch.device(a.device)
+    # everything that can be checked is checked here, before any timing: one line, exit 2
+    check_ints(p, a, dict(threads=(0, 4096), steps=(1, 10**6), warmup=(0, 10**6), sample_tokens=(0, 10**6),
+                          sample_prompt=(1, 10**6), batch_size=(1, 2**20), seq_len=(1, 2**20)))
+    try:
+        device = pick_device(a.device)
+    except ValueError as e:
+        p.error(str(e))
     cuda = device.type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        p.error(f"--device={a.device}: CUDA is not available here; use --device=cpu for the tiny smoke run")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True        # as train.py: fp32 matmuls on tensor cores
-    else:
-        keep_freed_memory()                                 # as train.py on CPU (hardware.py)
     steps = a.steps if a.steps is not None else (20 if cuda else 3)
     warmup = a.warmup if a.warmup is not None else (5 if cuda else 1)
     sample_tokens = a.sample_tokens if a.sample_tokens is not None else (256 if cuda else 48)
-    for name, v, low in (("steps", steps, 1), ("warmup", warmup, 0), ("sample_tokens", sample_tokens, 0),
-                         ("sample_prompt", a.sample_prompt, 1), ("batch_size", a.batch_size or 1, 1),
-                         ("seq_len", a.seq_len or 1, 1)):
-        if v < low:
-            p.error(f"--{name}={v} must be >= {low}")
     dispatches = a.dispatch.split(",")
     if not dispatches or not set(dispatches) <= {"grouped", "loop"}:
         p.error(f"--dispatch={a.dispatch!r}: allowed values are grouped, loop (comma-separated)")
@@ -269,7 +269,14 @@ def main(argv=None) -> dict:
         if sample_tokens and a.sample_prompt + sample_tokens > cfg.block_size:
             p.error(f"--sample_prompt + --sample_tokens = {a.sample_prompt + sample_tokens} exceeds {spec}'s "
                     f"block_size={cfg.block_size} (past it generation re-runs the window with or without cache)")
+    out = check_out_dir(p, a.out_dir)                       # last: it makes the folder
     grouped_ok = grouped_mm_available(device.type, dtype)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True        # as runtime.setup: fp32 matmuls on tensor cores
+    else:
+        keep_freed_memory()                                 # as train.py on CPU (hardware.py)
 
     rows, samples = [], []
     for spec, cfg, tcfg in models:
@@ -308,9 +315,34 @@ def main(argv=None) -> dict:
     ratio_rows = ratios(rows)
     text = markdown(meta, rows, ratio_rows, samples)
     print(text)
-    out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_model.md").write_text(text + "\n")
     result = dict(meta=meta, train=rows, ratios=ratio_rows, sampling=samples)
-    (out / "bench_model.json").write_text(json.dumps(result, indent=1))
+    try:                          # checked before timing; a disk that fills meanwhile is still one line
+        with writing(out, "the tables are printed above; free some space or choose another --out_dir"):
+            atomic_write(out / "bench_model.md", [(text + "\n").encode()])
+            atomic_write(out / "bench_model.json", [json.dumps(result, indent=1).encode()])
+    except ValueError as e:
+        p.exit(2, f"error: {e}\n")
     return result
+
+
+OUT_FILES = ("bench_model.md", "bench_model.json")
+
+
+def check_out_dir(p, out_dir: str) -> Path:
+    """--out_dir (~ expanded) as a folder this process can write bench_model.md/.json into, made now,
+    before any timing: a file, a FIFO, an unwritable folder or such a name already taken is p.error."""
+    out = Path(out_dir).expanduser()
+    kind = "a file" if out.is_file() else path_kind(out)
+    if kind and kind != "missing":
+        p.error(f"--out_dir={out_dir} is {kind}, not a folder; choose another --out_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):               # can this process create files here?
+            pass
+    except OSError as e:
+        p.error(f"--out_dir={out_dir} is not a writable folder ({e.strerror or e}); choose another --out_dir")
+    for name in OUT_FILES:
+        kind = "a folder" if (out / name).is_dir() else path_kind(out / name)
+        if kind and kind != "missing":
+            p.error(f"{out / name} is {kind}, where the results go; remove it or choose another --out_dir")
+    return out

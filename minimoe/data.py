@@ -1,10 +1,12 @@
-"""Data layer: byte tokenizer, corpora, token shards and a deterministic batch sampler.
+"""Data layer: byte tokenizer, corpora and a deterministic batch sampler (token shards and safe file
+reads live in shards.py, the atomic write and temp-file cleanup in files.py).
 
 Public API
 ----------
 BYTE_VOCAB_SIZE = 256
 encode_bytes(text) -> np.ndarray[uint8]       UTF-8 bytes of `text`
 decode_bytes(tokens) -> str                   inverse (list / ndarray / tensor; bad UTF-8 -> U+FFFD)
+tokenizer(name, what) -> (encode, decode)     "byte" or GPT-2 BPE (tiktoken): the one place both are chosen
 DataError(ValueError)                         every bad input raises this, with a hint on what to do
 
 Corpus(name, train, val, vocab_size, meta)    train/val are 1-D token arrays (ndarray, np.memmap or
@@ -14,8 +16,7 @@ Corpus(name, train, val, vocab_size, meta)    train/val are 1-D token arrays (nd
                                               (GPT-2 BPE without tiktoken): call it before step 0
 default_cache_dir() -> Path                   $MINIMOE_CACHE, else ~/.cache/minimoe; a failed write
                                               there is a DataError naming the folder and MINIMOE_CACHE=
-remove_stale_tmp(folder) -> [Path]            delete `.NAME.tmpPID` files whose process is gone (an
-                                              interrupted write); each cache build and prepare calls it
+bpb_factor(corpus) -> float | None            nats/token -> bits per byte (needs bytes_per_token for BPE)
 load_corpus(spec="stdlib", cache_dir=None, val_fraction=0.1, max_files=None) -> Corpus
     "stdlib"       the .py sources of this Python's standard library (no download), cached
     "shakespeare"  Tiny Shakespeare, downloaded once into the cache
@@ -31,10 +32,7 @@ load_corpus(spec="stdlib", cache_dir=None, val_fraction=0.1, max_files=None) -> 
   tokenizer, vocab_size) and its largest token id against vocab_size (one pass over the memmap,
   ~1 s per GB), so a shard from another tokenizer fails here, not mid-training.
 
-write_shard(path, tokens) / read_shard(path) -> np.memmap    token file: a header of 256 int32
-                                              (magic 20251074, version 1, token count, dtype code
-                                              1=uint8 / 2=uint16), then the tokens; written atomically
-ShardedArray(shards)                          several shards viewed as one 1-D array, without copying
+Shard folders (shards.py: write_shard, read_shard, ShardedArray) are loaded by load_corpus(PATH).
 
 BatchSampler(tokens, batch_size, block_size, seed=0, mode="random", rank=0, world_size=1)
     .batch(i) -> (x, y)      int64 CPU tensors (batch_size, block_size), y = x shifted left by one.
@@ -56,7 +54,7 @@ Batches are CPU tensors; move them with x.to(device, non_blocking=True).
 from contextlib import contextmanager
 import hashlib
 import json
-import operator
+import math
 import os
 import re
 import stat
@@ -70,67 +68,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import atomic_write, remove_stale_tmp
+from .shards import DataError, ShardedArray, path_kind, read_regular_file, read_shard, write_shard
+
 BYTE_VOCAB_SIZE = 256
 GPT2_VOCAB_SIZE = 50257
 TOKENIZER_VOCAB = {"byte": BYTE_VOCAB_SIZE, "gpt2": GPT2_VOCAB_SIZE}   # what meta.json's tokenizer implies
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 MIN_CORPUS_TOKENS = 100  # anything smaller is almost certainly the wrong file
 
-# shard file = 256 little-endian int32 header words, then the tokens
-SHARD_MAGIC = 20251074
-SHARD_VERSION = 1
-HEADER_WORDS = 256
-HEADER_BYTES = HEADER_WORDS * 4
-DTYPE_CODES = {1: np.dtype("<u1"), 2: np.dtype("<u2")}
-
 STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
 ACCEPTED = ("'stdlib', 'shakespeare', a UTF-8 text file, a folder of text files, or a folder of shards "
             "written by minimoe.prepare")
-
-
-class DataError(ValueError):
-    """Bad data input: the message says what was found, what is allowed and what to do."""
-
-
-# -----------------------------------------------------------------------------
-# reading files safely: regular files only, never more than their size
-
-SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe): reading it would wait for a writer forever"),
-                 (stat.S_ISCHR, "a character device (like /dev/zero): it has no end to read to"),
-                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
-def path_kind(path):
-    """None for a regular file or a folder (symlinks followed); otherwise what `path` is, in words."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "a broken symbolic link" if os.path.islink(path) else "missing"
-    except OSError as e:
-        return f"not accessible ({e.strerror})"
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-        return None
-    return next((what for test, what in SPECIAL_KINDS if test(mode)), "not a regular file")
-
-
-def read_regular_file(path, what="data file"):
-    """The bytes of a regular file, read up to its size. A FIFO/device/socket raises DataError
-    without blocking (O_NONBLOCK, and fstat on the open descriptor closes the check-then-open race)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        kind = path_kind(path)
-        raise DataError(f"cannot read {what} {path}: {kind if kind and kind != 'missing' else e.strerror}; "
-                        f"check it exists and is readable") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise DataError(f"{what} {path} is {path_kind(path) or 'not a regular file'}; only regular "
-                            f"files are read")
-        try:
-            return f.read(st.st_size)       # never past the size it had when opened
-        except OSError as e:
-            raise DataError(f"cannot read {what} {path} ({e.strerror})") from None
 
 
 # -----------------------------------------------------------------------------
@@ -153,56 +102,7 @@ def decode_bytes(tokens):
 
 
 # -----------------------------------------------------------------------------
-# shard files (shared with prepare.py)
-
-TMP_NAME = re.compile(r"\..+\.tmp(\d+)")    # .NAME.tmpPID: _atomic_write's (and train's ckpt) temp files
-
-
-def _atomic_write(path, chunks):
-    # write to a temp file and rename: a crash never leaves a half-written file under `path`
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:              # disk full, Ctrl-C: leave nothing behind (a kill -9 still can)
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)                # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError) as e:
-        return isinstance(e, PermissionError)      # another user's process is alive; a bad pid is not
-    return True
-
-
-def remove_stale_tmp(folder):
-    """Delete the temp files (`.NAME.tmpPID`, regular files only) that an interrupted write left in
-    `folder`: those whose process no longer runs on this machine. Returns the removed paths.
-    (A folder shared by several machines could hold another host's live temp file: don't share one
-    cache or prepare folder between machines that write it at the same time.)"""
-    folder, removed = Path(folder), []
-    if not folder.is_dir():
-        return removed
-    for p in folder.iterdir():
-        m = TMP_NAME.fullmatch(p.name)
-        if m and stat.S_ISREG(p.lstat().st_mode) and int(m[1]) != os.getpid() and not _pid_alive(int(m[1])):
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    if removed:
-        print(f"removed {len(removed)} temporary file(s) left in {folder} by an interrupted run: "
-              f"{', '.join(p.name for p in sorted(removed)[:3])}{' ...' if len(removed) > 3 else ''}",
-              file=sys.stderr)
-    return removed
-
+# writing into the cache
 
 @contextmanager
 def writing(folder, fix=None):
@@ -218,92 +118,24 @@ def writing(folder, fix=None):
                         f"{fix}") from None
 
 
-def write_shard(path, tokens):
-    tokens = np.asarray(tokens)
-    codes = {dt: code for code, dt in DTYPE_CODES.items()}
-    if tokens.ndim != 1 or tokens.dtype not in codes:
-        raise DataError(f"write_shard({path}): tokens must be a 1-D uint8 or uint16 array, got "
-                        f"{tokens.ndim}-D {tokens.dtype}; convert with .astype(np.uint16) first")
-    if len(tokens) >= 2**31:
-        raise DataError(f"write_shard({path}): {len(tokens)} tokens do not fit the int32 header; "
-                        f"use smaller shards")
-    header = np.zeros(HEADER_WORDS, dtype="<i4")
-    header[:4] = [SHARD_MAGIC, SHARD_VERSION, len(tokens), codes[tokens.dtype]]
-    _atomic_write(path, [header.tobytes(), tokens.tobytes()])
+def tokenizer(name: str, what: str = "this data"):
+    """(encode, decode) of the byte tokenizer (name "byte") or of GPT-2 BPE (any other name, via tiktoken):
+    encode(text) -> np.ndarray (uint8 bytes / uint16 BPE ids), decode(tokens: list, array or tensor) -> str.
+    The one place both are chosen (Corpus, sample.py); `what` names the corpus or checkpoint when
+    tiktoken is missing."""
+    if name == "byte":
+        return encode_bytes, decode_bytes
+    try:
+        import tiktoken
+    except ImportError:
+        raise DataError(f"{what} uses GPT-2 BPE tokens, which need tiktoken: pip install tiktoken") from None
+    enc = tiktoken.get_encoding("gpt2")
 
-
-def read_shard(path):
-    path = Path(path)
-    kind = "a folder" if path.is_dir() else path_kind(path)
-    if kind == "missing":
-        raise DataError(f"shard {path} does not exist; run `python -m minimoe.prepare` to create it")
-    if kind:
-        raise DataError(f"shard {path} is {kind}; a shard is a regular file written by minimoe.prepare")
-    size = path.stat().st_size
-    if size < HEADER_BYTES:
-        raise DataError(f"shard {path} is {size} bytes, smaller than the {HEADER_BYTES}-byte header; "
-                        f"it is truncated: delete it and re-run prepare")
-    magic, version, count, code = np.fromfile(path, dtype="<i4", count=4).tolist()
-    if magic != SHARD_MAGIC:
-        raise DataError(f"shard {path} has magic number {magic}, expected {SHARD_MAGIC}: "
-                        f"not a minimoe shard file")
-    if version != SHARD_VERSION:
-        raise DataError(f"shard {path} has format version {version}, expected {SHARD_VERSION}; "
-                        f"re-create it with this version of minimoe.prepare")
-    if code not in DTYPE_CODES or count < 0:
-        raise DataError(f"shard {path} has dtype code {code} / token count {count}; expected dtype "
-                        f"code in {sorted(DTYPE_CODES)} and count >= 0: the header is corrupt")
-    dtype = DTYPE_CODES[code]
-    expected = HEADER_BYTES + count * dtype.itemsize
-    if size != expected:
-        raise DataError(f"shard {path} is {size} bytes but its header says {count} tokens "
-                        f"({expected} bytes expected); it is truncated or corrupt: delete it and re-run prepare")
-    if count == 0:  # mmap cannot map zero bytes
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
-
-
-class ShardedArray:
-    """Several 1-D token arrays viewed as one, without copying (e.g. 100 memmapped FineWeb shards).
-    Supports len(a), a[i], a[start:stop] (step 1) and np.asarray(a) (that one does copy)."""
-
-    def __init__(self, shards):
-        self.shards = list(shards)
-        self.dtype = self.shards[0].dtype
-        self.ends = np.cumsum([len(s) for s in self.shards])  # ends[k] = one past shard k's last token
-
-    def __len__(self):
-        return int(self.ends[-1])
-
-    @property
-    def shape(self):
-        return (len(self),)
-
-    def _locate(self, i):  # global index -> (shard, index inside that shard)
-        k = int(np.searchsorted(self.ends, i, side="right"))
-        return k, i - int(self.ends[k] - len(self.shards[k]))
-
-    def __getitem__(self, idx):
-        if isinstance(idx, slice):
-            start, stop, step = idx.indices(len(self))
-            if step != 1:
-                raise DataError(f"ShardedArray only supports step-1 slices, got step {step}")
-            parts = []
-            while start < stop:
-                k, j = self._locate(start)
-                take = min(stop - start, len(self.shards[k]) - j)
-                parts.append(self.shards[k][j:j + take])
-                start += take
-            return np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
-        i = operator.index(idx)
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for ShardedArray of length {len(self)}")
-        k, j = self._locate(i % len(self))  # i % len maps negative indices into range
-        return self.shards[k][j]
-
-    def __array__(self, dtype=None, copy=None):
-        out = np.concatenate(self.shards)
-        return out if dtype is None else out.astype(dtype)
+    def decode(tokens):
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.detach().cpu().numpy()
+        return enc.decode(np.asarray(tokens).reshape(-1).tolist())
+    return (lambda text: np.array(enc.encode_ordinary(text), dtype=np.uint16)), decode
 
 
 # -----------------------------------------------------------------------------
@@ -317,13 +149,8 @@ class Corpus:
     vocab_size: int
     meta: dict = field(default_factory=dict)
 
-    def _tiktoken(self):
-        try:
-            import tiktoken
-        except ImportError:
-            raise DataError(f"corpus {self.name!r} uses GPT-2 BPE tokens, which need tiktoken: "
-                            f"pip install tiktoken") from None
-        return tiktoken.get_encoding("gpt2")
+    def _tokenizer(self):
+        return tokenizer("byte" if self.vocab_size == BYTE_VOCAB_SIZE else "gpt2", f"corpus {self.name!r}")
 
     def check_decoder(self):
         """Raise DataError now if decode()/encode() would fail later: GPT-2 BPE tokens need tiktoken,
@@ -336,19 +163,22 @@ class Corpus:
             raise DataError(f"corpus {self.name!r} has tokenizer {tokenizer!r} with vocab_size {self.vocab_size}; "
                             f"minimoe decodes only 'byte' (256) and 'gpt2' ({GPT2_VOCAB_SIZE}) tokens: "
                             f"re-prepare the data with --tokenizer=byte or --tokenizer=gpt2")
-        self._tiktoken()
+        self._tokenizer()
 
     def decode(self, tokens):
-        if self.vocab_size == BYTE_VOCAB_SIZE:
-            return decode_bytes(tokens)
-        if isinstance(tokens, torch.Tensor):
-            tokens = tokens.detach().cpu().numpy()
-        return self._tiktoken().decode(np.asarray(tokens).reshape(-1).tolist())
+        return self._tokenizer()[1](tokens)
 
     def encode(self, text):
-        if self.vocab_size == BYTE_VOCAB_SIZE:
-            return encode_bytes(text)
-        return np.array(self._tiktoken().encode_ordinary(text), dtype=np.uint16)
+        return self._tokenizer()[0](text)
+
+
+def bpb_factor(corpus: Corpus) -> float | None:
+    """Multiply a loss in nats/token by this to get bits per byte (a tokenizer-free unit).
+    Byte tokens: 1/ln 2. Other tokenizers: needs bytes_per_token in the corpus meta, else None."""
+    if corpus.meta.get("tokenizer", "byte") == "byte" and corpus.vocab_size == 256:
+        return 1 / math.log(2)
+    bpt = corpus.meta.get("bytes_per_token")
+    return 1 / (math.log(2) * bpt) if bpt else None
 
 
 def default_cache_dir():
@@ -475,7 +305,7 @@ def _build_stdlib(root, files, val_fraction, out):
             "sha256": sha.hexdigest(), "split": _split_rule(val_fraction),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.time() - t0, 3)}
-    _atomic_write(out / "meta.json", [json.dumps(meta, indent=2).encode()])  # last: marks the cache complete
+    atomic_write(out / "meta.json", [json.dumps(meta, indent=2).encode()])  # last: marks the cache complete
     return meta
 
 
@@ -492,7 +322,7 @@ def _download_shakespeare(cache_dir):
             raise DataError(f"downloading Tiny Shakespeare from {SHAKESPEARE_URL} failed ({e}); "
                             f"if you are offline pass --data=PATH to a local text file instead") from None
         with writing(path.parent):
-            _atomic_write(path, [data])
+            atomic_write(path, [data])
     return path
 
 
@@ -635,8 +465,6 @@ class BatchSampler:
         x, y = self.batch(self.counter * self.world_size + self.rank)
         self.counter += 1
         return x, y
-
-    next = __next__
 
     def state_dict(self):
         return {"counter": self.counter, "seed": self.seed, "mode": self.mode, "world_size": self.world_size,

@@ -42,7 +42,12 @@ from tqdm import tqdm
 
 from .data import load_corpus
 from .model import GPTConfig
-from .train import FINAL_VAL_FILE, TrainConfig, data_fingerprint, parse_overrides, resolve_device, writable_folder
+from .checkpoint import data_fingerprint
+from .cli import parse_overrides
+from .config import TrainConfig
+from .files import writable_folder
+from .outdir import FINAL_VAL_FILE
+from .runtime import resolve_device
 from . import study as S
 
 SEEDS8, SEEDS5, TUNE_SEEDS = (1, 2, 3, 4, 5, 6, 7, 8), (1, 2, 3, 4, 5), (101, 102)

@@ -308,7 +308,7 @@ def load_entropy(load) -> float:
     """Ent_load (Eq. 7) in nats: -sum_i f_i log f_i of the per-expert load f (a share, or counts,
     which are normalized to sum to 1; an expert with no tokens adds 0). 0 when one expert takes
     every token, log E (the max_ent the statistics report next to it) when all E take the same.
-    The one place this is computed: routing_stats, train.estimate_loss and metrics all call it."""
+    The one place this is computed: routing_summary calls it for every routing statistic."""
     f = torch.as_tensor(load, dtype=torch.float64).reshape(-1)            # (E,)
     if f.numel() == 0 or not torch.isfinite(f).all() or (f < 0).any():
         raise ValueError(f"load must be E >= 1 finite, non-negative shares or counts, got {f.tolist()[:8]}")
@@ -319,20 +319,29 @@ def load_entropy(load) -> float:
     return float(-(f * f.clamp_min(1e-300).log()).sum())
 
 
+def routing_summary(load: torch.Tensor, ent_conf: float | None = None) -> dict:
+    """The paper's per-layer statistics from the load share f (E,) (summing to 1) and the mean
+    Ent_conf, as Python floats/lists: load, ent_load (Eq. 7, load_entropy), ent_conf (Eq. 8; left out
+    when None), load_cv (coefficient of variation of f; 0 = perfect balance), max_ent = log E.
+    The one place they are put together: routing_stats (one forward), train.estimate_loss (averaged
+    over the val batches) and metrics (a scoring rule's choices) call it."""
+    out = {"load": load.tolist(), "ent_load": load_entropy(load)}
+    if ent_conf is not None:
+        out["ent_conf"] = ent_conf
+    return {**out, "load_cv": (load.std(unbiased=False) / load.mean()).item(), "max_ent": math.log(load.numel())}
+
+
 def routing_stats(r: Routing) -> dict:
-    """The paper's per-layer statistics for one forward pass, as Python floats/lists.
+    """The paper's per-layer statistics for one forward pass (routing_summary):
 
     load:      f normalized to sum to 1 (share of token-slots per expert)
     ent_load:  Eq. 7, load_entropy(f) in nats; max_ent = log(E) at perfect balance
     ent_conf:  Eq. 8, -sum p log p of the softmax over all E scores, averaged over tokens;
                lower = experts (or router) more confident about who should take the token
-    load_cv:   coefficient of variation of the per-expert slot counts (0 = perfect balance)
+    load_cv:   coefficient of variation of the per-expert load (0 = perfect balance)
     """
     E = r.probs.shape[-1]
     counts = count_per_expert(r.experts.reshape(-1), E).float()
-    load = counts / counts.sum()
     p = r.probs.float()
     ent_conf = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
-    cv = counts.std(unbiased=False) / counts.mean()
-    return {"load": load.tolist(), "ent_load": load_entropy(load), "ent_conf": ent_conf.item(),
-            "load_cv": cv.item(), "max_ent": math.log(E)}
+    return routing_summary(counts / counts.sum(), ent_conf.item())

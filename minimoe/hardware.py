@@ -5,11 +5,14 @@ The peaks are the vendors' dense (no 2:4 sparsity) tensor-core numbers in bf16 w
 accumulation, which is what bf16 autocast runs; chips without bf16 list their fp16 figure.
 A CPU has no entry: its "peak" depends on cores, clocks and vector units, so MFU is None there.
 
-Also here, for CPU runs: keep_freed_memory(), which stops glibc from unmapping large freed buffers
+Also here: describe_machine() for reports, format_bytes() for messages about memory and disk, and, for CPU runs, keep_freed_memory(), which stops glibc from unmapping large freed buffers
 (a page-fault tax on every step's activations; see its docstring).
 """
 
 import ctypes
+import os
+from pathlib import Path
+import platform
 import sys
 
 import torch
@@ -63,6 +66,25 @@ def mfu(flops_per_token: float, tokens_per_sec: float, peak: float | None) -> fl
     if not peak or not tokens_per_sec:
         return None
     return flops_per_token * tokens_per_sec / peak
+
+
+def describe_machine(device) -> str:
+    """One line for a report: the GPU, or the CPU with the threads in use; the OS, Python and torch."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        names = [s.split(":", 1)[1].strip() for s in Path("/proc/cpuinfo").read_text().splitlines()
+                 if s.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+        where = f"{names[0] if names else platform.processor() or platform.machine()}, " \
+                f"{torch.get_num_threads()} thread(s) of {os.cpu_count()} logical cores"
+    return f"{where}; {platform.system()} {platform.release()}, Python {platform.python_version()}, " \
+           f"torch {torch.__version__}"
+
+
+def format_bytes(n: float) -> str:
+    """Bytes for people: '3.2 GiB', or '512 MiB' below a GiB."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def keep_freed_memory() -> bool:

@@ -30,19 +30,16 @@ Shapes as in dispatch.py: N tokens, E experts, K experts per token, D model widt
 
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-import hashlib
-import json
 import math
-import os
 from pathlib import Path
-import shutil
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dispatch import Routing, combine, gather_rows, grouped_mm, load_entropy, plan_dispatch, resolve_impl, route, swiglu_experts
+from .dispatch import (Routing, combine, count_per_expert, gather_rows, grouped_mm, plan_dispatch, resolve_impl, route,
+                       routing_summary, swiglu_experts)
 from .lowrank import svd_factorize
 from .moe import MoE
 
@@ -287,17 +284,17 @@ class RuleFFN(nn.Module):
         for k, v in a.items():
             self.agree[k] += v * n
         self.agree["tokens"] += n
-        self.counts += torch.bincount(r.experts.flatten().cpu(), minlength=self.moe.n_experts).float()
+        self.counts += count_per_expert(r.experts.reshape(-1), self.moe.n_experts).cpu().float()
         self.last_routing = r
         return run_experts(self.moe, x, r).view(B, T, D), x.new_zeros((), dtype=torch.float32)
 
     def agreement(self) -> dict:
-        """Token-averaged agreement with the router, plus the load (Eq. 7) of this rule's choice:
-        load = share of token-slots per expert, ent_load its entropy in nats (at most max_ent = log E)."""
+        """Token-averaged agreement with the router, plus the routing statistics of this rule's choice
+        (dispatch.routing_summary): load = share of token-slots per expert, ent_load its entropy in nats
+        (Eq. 7, at most max_ent = log E), load_cv."""
         n = max(self.agree["tokens"], 1)
         load = self.counts / self.counts.sum().clamp_min(1)
-        return {**{k: v / n for k, v in self.agree.items() if k != "tokens"},
-                "load": load.tolist(), "ent_load": load_entropy(load), "max_ent": math.log(self.moe.n_experts)}
+        return {**{k: v / n for k, v in self.agree.items() if k != "tokens"}, **routing_summary(load)}
 
 
 @contextmanager
@@ -490,10 +487,12 @@ def train_or_load(model_config, train_config, name: str, cache_dir=None) -> dict
     """Train once with minimoe.train, then reuse the run: the notebooks call this with the same
     configs and share one run instead of each training its own.
 
-    The run lives in <cache_dir or $MINIMOE_CACHE or ~/.cache/minimoe>/runs/<name>-<hash>, the hash
-    covering both configs (train_config.out_dir and progress excluded), so a changed setting means a
-    new run. A run counts as done once result.json is written (after training returned); anything
-    else in that folder is an interrupted attempt and is trained again from scratch.
+    The run lives in the run cache (files.cached_run, the study's too): <cache_dir or $MINIMOE_CACHE
+    or ~/.cache/minimoe>/runs/<name>-<key>, the key covering both configs (train_config.out_dir and
+    progress excluded), so a changed setting means a new run. A run counts as done once result.json
+    is written (after training returned); an unfinished attempt is continued from its checkpoint by
+    train(), which holds the folder's lock: a second process on the same run is refused in one line,
+    never given a folder deleted under it.
     Returns {"model" (eval mode), "log" (log.jsonl rows), "result" (train()'s final metrics),
     "out_dir", "cached" (True if loaded)}.
     The caller's torch RNG is left as it was, trained or loaded, so what a notebook draws afterwards does
@@ -503,30 +502,25 @@ def train_or_load(model_config, train_config, name: str, cache_dir=None) -> dict
 
 
 def _train_or_load(model_config, train_config, name: str, cache_dir=None) -> dict:
-    from .data import default_cache_dir, writing   # lazy: the analysis helpers above need no I/O
-    from .plots import read_log
-    from .train import load_model, train
+    from .checkpoint import load_model         # lazy: the analysis helpers above need no I/O
+    from .data import default_cache_dir, writing
+    from .files import cached_run, read_log
+    from .train import train
 
     settings = {"model": asdict(model_config),
                 "train": {k: v for k, v in asdict(train_config).items() if k not in ("out_dir", "progress")}}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    out = root / "runs" / f"{name}-{key}"
-    done = out / "result.json"
-    cached = done.is_file()
+    run = cached_run(root, name, settings)
+    result = run.result()
+    cached = result is not None
     if not cached:
-        with writing(out.parent):              # an unwritable cache: one line naming it, before training
-            if out.exists():
-                shutil.rmtree(out)             # a previous attempt that did not finish
-            out.mkdir(parents=True)
-        res = train(model_config, replace(train_config, out_dir=str(out), init_from="scratch"))
+        with writing(run.folder.parent):       # an unwritable cache: one line naming it, before training
+            run.folder.mkdir(parents=True, exist_ok=True)
+        res = train(model_config, replace(train_config, out_dir=str(run.folder), init_from=run.init_from()))
         if res.get("interrupted"):
             raise RuntimeError(f"training of {name!r} was interrupted ({res['interrupted']}); run again")
-        res.pop("model")
-        tmp = out / f".result.json.tmp{os.getpid()}"
-        with writing(out):
-            tmp.write_text(json.dumps({k: v for k, v in res.items() if k != "sample"}, default=str))
-            os.replace(tmp, done)              # atomic: marks the run complete
-    model, _ = load_model(out)                 # the checkpoint of the last evaluation = the final model
-    return {"model": model, "log": read_log(out), "result": json.loads(done.read_text()),
-            "out_dir": out, "cached": cached}
+        with writing(run.folder):
+            run.finish({k: v for k, v in res.items() if k not in ("model", "sample")})
+        result = run.result()                  # as a later call reads it back
+    model, _ = load_model(run.folder)          # the checkpoint of the last evaluation = the final model
+    return {"model": model, "log": read_log(run.folder), "result": result, "out_dir": run.folder, "cached": cached}

@@ -8,12 +8,10 @@
 Entropies are in nats everywhere (dispatch.load_entropy), shown next to their maximum log E.
 
 Built on matplotlib's Figure object (never pyplot), so it works headless and leaves the notebook
-backend alone. `read_log(out_dir)` loads a run's rows.
+backend alone. files.read_log(out_dir) loads a run's rows.
 """
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 from matplotlib.colors import TwoSlopeNorm
@@ -21,11 +19,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
 COLORS = {"dense": "#7f7f7f", "moe": "#1f77b4", "aoe": "#d62728"}
-
-
-def read_log(out_dir) -> list[dict]:
-    path = Path(out_dir) / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _runs(rows_or_runs) -> list[list[dict]]:

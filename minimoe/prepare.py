@@ -10,6 +10,7 @@ Output folder:
     val_000000.bin ...
     meta.json              tokenizer, vocab_size, token counts, source; written last
     progress.json          resume state: the finished shards and where the next one starts
+    progress.jsonl         one line per shard finished since progress.json was last written
 
 `text` splits train/val exactly like load_corpus (by file for a folder, the tail of a single
 file) and writes each split as its own stream of shards. `fineweb` streams FineWeb-Edu through
@@ -19,21 +20,28 @@ and the rest are train.
 Both feed documents (1-D token arrays) into write_shards(), which packs them into fixed-size
 shards and records after every shard where the next one starts (document index, token offset).
 A restart verifies the shards on disk, skips the documents already consumed and continues.
+Exit codes: 0 done; 2 bad input or a failed write (`error: ...`, one line); 130 (Ctrl-C) or 143
+(SIGTERM) interrupted, with the finished shards recorded: the same command continues.
 """
 
-import argparse
 import hashlib
 import importlib
 import json
+import shlex
+import signal
 import sys
+import sysconfig
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from minimoe.data import BYTE_VOCAB_SIZE, GPT2_VOCAB_SIZE, DataError, _atomic_write, default_cache_dir, \
-    load_corpus, read_shard, remove_stale_tmp, write_shard, writing
+from minimoe.bench import OneLineParser
+from minimoe.data import BYTE_VOCAB_SIZE, GPT2_VOCAB_SIZE, DataError, default_cache_dir, load_corpus, writing
+from minimoe.files import atomic_write, remove_stale_tmp
+from minimoe.shards import path_kind, read_shard, write_shard
 
 FINEWEB_DATASET = "HuggingFaceFW/fineweb-edu"
 CHUNK_BYTES = 1 << 20  # local text is fed to the tokenizer in ~1 MB pieces (progress + bounded memory)
@@ -68,7 +76,71 @@ def _is_progress(p):
 
 
 def _write_json(path, obj):
-    _atomic_write(path, [json.dumps(obj, indent=2).encode()])
+    atomic_write(path, [json.dumps(obj, indent=2).encode()])
+
+
+# -----------------------------------------------------------------------------
+# progress: progress.json (rewritten a few times per run) + a journal (one line appended per shard)
+#
+# Rewriting progress.json after every shard costs O(shards) per shard, O(shards^2) in all: hours with
+# tiny shards. So each finished shard appends one line to progress.jsonl instead, and progress.json is
+# rewritten (and the journal emptied) only when a stream starts, stops or fails. Each journal line
+# names its shard's index: replaying it twice (a crash between the rewrite and the emptying) or a
+# torn last line (a crash mid-append) are both harmless; a lost line only means that shard is redone.
+
+JOURNAL = "progress.jsonl"
+OWN_FILES = ("progress.json", JOURNAL, "meta.json")
+
+
+def _load_progress(out_dir, config):
+    """progress.json with the journal's entries replayed, and whether it differs from the file."""
+    progress_path, journal = out_dir / "progress.json", out_dir / JOURNAL
+    progress = _read_json(progress_path, None)
+    if progress is None:                       # a journal without its progress.json is stale
+        journal.unlink(missing_ok=True)
+        return {"config": config, "streams": {}}, True
+    if not _is_progress(progress):
+        raise DataError(f"{progress_path} is not a minimoe.prepare progress file; delete it (and the "
+                        f"shards next to it) to start this folder over")
+    if progress["config"] != config:
+        raise DataError(f"{out_dir} was prepared with different settings ({progress['config']}, now "
+                        f"{config}); use a new --out_dir or delete {out_dir} to start over")
+    lines = journal.read_bytes().splitlines() if journal.is_file() else []
+    for line in lines:
+        try:
+            e = json.loads(line)
+            st = progress["streams"].setdefault(e["stream"], {"shards": [], "done": False})
+            k, entry = e["k"], {key: e[key] for key in ("file", "tokens", "doc", "offset")}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            break                              # torn by a crash: this shard and later ones are redone
+        if k > len(st["shards"]):
+            break
+        if k == len(st["shards"]):
+            st["shards"].append(entry)
+            st["done"] = False
+    return progress, bool(lines)
+
+
+def _save_progress(out_dir, progress):
+    _write_json(out_dir / "progress.json", progress)
+    (out_dir / JOURNAL).unlink(missing_ok=True)   # its lines are in progress.json now
+
+
+def check_own_files(out_dir, fix=None):
+    """Refuse, before any work, an out_dir that is not a folder, or a file prepare writes that is a
+    folder, a FIFO, a socket, a device or a symlink loop (writing or reading it would fail or block)."""
+    out_dir = Path(out_dir)
+    kind = "a file" if out_dir.is_file() else path_kind(out_dir)
+    if kind and kind != "missing":
+        raise DataError(f"cannot write to {out_dir} (it is {kind}, not a folder); {fix or 'choose another --out_dir'}")
+    if not out_dir.is_dir():
+        return
+    for p in out_dir.iterdir():
+        if p.name in OWN_FILES or p.suffix == ".bin":
+            kind = "a folder" if p.is_dir() else path_kind(p)
+            if kind:
+                raise DataError(f"{p} is {kind}, where prepare keeps a regular file; remove it or "
+                                f"choose another --out_dir")
 
 
 # -----------------------------------------------------------------------------
@@ -85,19 +157,15 @@ def write_shards(docs_from, out_dir, shard_name, shard_tokens, dtype, stream="al
     Returns this stream's entry of progress.json: {"shards": [...], "done": bool}.
     A failed write (read-only, disk full) is a DataError naming out_dir, with `fix` (default: how
     to choose another MINIMOE_CACHE); errors while reading documents (a download) pass through.
+    Whatever stops it (an error, Ctrl-C), the finished shards are recorded and a rerun continues.
     """
     out_dir = Path(out_dir)
+    check_own_files(out_dir, fix)
     with writing(out_dir, fix):
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(out_dir)              # half-written shards of an interrupted run
-    progress_path = out_dir / "progress.json"
-    progress = _read_json(progress_path, {"config": config, "streams": {}})
-    if not _is_progress(progress):
-        raise DataError(f"{progress_path} is not a minimoe.prepare progress file; delete it (and the "
-                        f"shards next to it) to start this folder over")
-    if progress["config"] != config:
-        raise DataError(f"{out_dir} was prepared with different settings ({progress['config']}, now "
-                        f"{config}); use a new --out_dir or delete {out_dir} to start over")
+    progress, changed = _load_progress(out_dir, config)
+    changed |= stream not in progress["streams"]
     state = progress["streams"].setdefault(stream, {"shards": [], "done": False})
 
     # keep the finished shards that are still intact on disk; redo from the first bad one
@@ -108,13 +176,18 @@ def write_shards(docs_from, out_dir, shard_name, shard_tokens, dtype, stream="al
             ok = False
         if not ok:
             print(f"shard {entry['file']} is missing or damaged; redoing from there", file=sys.stderr)
-            state["shards"], state["done"] = state["shards"][:k], False
+            state["shards"], state["done"], changed = state["shards"][:k], False, True
             break
     total = sum(e["tokens"] for e in state["shards"])
     limit = max_tokens if max_tokens is not None else float("inf")
     if state["done"] or total >= limit:
+        if changed:
+            with writing(out_dir, fix):
+                _save_progress(out_dir, progress)
         return state
-    (out_dir / "meta.json").unlink(missing_ok=True)  # the folder is incomplete until we finish
+    with writing(out_dir, fix):
+        _save_progress(out_dir, progress)      # the journal starts empty
+        (out_dir / "meta.json").unlink(missing_ok=True)  # the folder is incomplete until we finish
 
     doc, offset = (state["shards"][-1]["doc"], state["shards"][-1]["offset"]) if state["shards"] else (0, 0)
     buf = np.empty(shard_tokens, dtype=dtype)
@@ -122,39 +195,51 @@ def write_shards(docs_from, out_dir, shard_name, shard_tokens, dtype, stream="al
     max_id = np.iinfo(dtype).max
 
     def flush():
-        # write the shard, then record where the next one starts (doc, offset); a crash between
-        # the two only means this shard is written again, identically, on restart
+        # write the shard (fsynced), then append where the next one starts (doc, offset) to the
+        # journal; a crash between the two only means this shard is written again, identically
         name = shard_name(len(state["shards"]))
         with writing(out_dir, fix):
             write_shard(out_dir / name, buf[:fill])
-            state["shards"].append({"file": name, "tokens": fill, "doc": doc, "offset": offset})
-            _write_json(progress_path, progress)
+            entry = {"file": name, "tokens": fill, "doc": doc, "offset": offset}
+            journal.write(json.dumps({"stream": stream, "k": len(state["shards"]), **entry}) + "\n")
+            journal.flush()
+            state["shards"].append(entry)
 
     bar = tqdm(total=max_tokens, initial=total, unit="tok", unit_scale=True, desc=f"{stream} shards")
     stopped = False
-    for tokens in docs_from(doc):
-        tokens = np.asarray(tokens)
-        if tokens.size and (tokens.min() < 0 or tokens.max() > max_id):
-            raise DataError(f"document {doc} has token ids in [{tokens.min()}, {tokens.max()}], which "
-                            f"do not fit {np.dtype(dtype).name} shards; check the tokenizer")
-        while offset < len(tokens) and not stopped:
-            take = int(min(len(tokens) - offset, shard_tokens - fill, limit - total))
-            buf[fill:fill + take] = tokens[offset:offset + take]
-            fill, offset, total = fill + take, offset + take, total + take
-            bar.update(take)
-            if fill == shard_tokens:
+    try:
+        with writing(out_dir, fix):
+            journal = open(out_dir / JOURNAL, "a")
+        with journal:
+            for tokens in docs_from(doc):
+                tokens = np.asarray(tokens)
+                if tokens.size and (tokens.min() < 0 or tokens.max() > max_id):
+                    raise DataError(f"document {doc} has token ids in [{tokens.min()}, {tokens.max()}], which "
+                                    f"do not fit {np.dtype(dtype).name} shards; check the tokenizer")
+                while offset < len(tokens) and not stopped:
+                    take = int(min(len(tokens) - offset, shard_tokens - fill, limit - total))
+                    buf[fill:fill + take] = tokens[offset:offset + take]
+                    fill, offset, total = fill + take, offset + take, total + take
+                    bar.update(take)
+                    if fill == shard_tokens:
+                        flush()
+                        fill = 0
+                    stopped = total >= limit
+                if stopped:
+                    break
+                doc, offset = doc + 1, 0
+            if fill:
                 flush()
-                fill = 0
-            stopped = total >= limit
-        if stopped:
-            break
-        doc, offset = doc + 1, 0
+    except BaseException:                      # an error, Ctrl-C: record the finished shards, then go on failing
+        bar.close()
+        with suppress(DataError):
+            with writing(out_dir, fix):
+                _save_progress(out_dir, progress)
+        raise
     bar.close()
-    if fill:
-        flush()
     state["done"] = not stopped  # stopped by max_tokens: a later run with a larger limit continues
     with writing(out_dir, fix):
-        _write_json(progress_path, progress)
+        _save_progress(out_dir, progress)
     return state
 
 
@@ -186,9 +271,37 @@ def _chunks(data):
     return bounds
 
 
+def _input_folder(path):
+    """The folder `prepare text PATH` reads (stdlib: the standard library), or None for one file."""
+    if path == "stdlib":
+        return Path(sysconfig.get_paths()["stdlib"])
+    folder = Path(str(path)).expanduser()
+    return folder if path != "shakespeare" and folder.is_dir() else None
+
+
+def check_not_inside(out_dir, folder):
+    """An out_dir equal to or inside the input folder would be read back as input: its shards make the
+    next prepare or training on that folder fail ("looks binary") or learn from token files."""
+    try:
+        out, src = Path(out_dir).expanduser().resolve(), Path(folder).resolve()
+    except (OSError, RuntimeError):        # a symlink loop: check_own_files names it
+        return
+    if out == src or src in out.parents:
+        where = "is the input folder itself" if out == src else f"is inside the input folder {folder}"
+        raise DataError(f"--out_dir={out_dir} {where}: its shards would be read as text the next time that "
+                        f"folder is prepared or trained on; choose an --out_dir outside {folder}")
+
+
 def prepare_text(path, tokenizer="byte", out_dir=None, val_fraction=0.01, shard_tokens=100_000_000):
     if tokenizer not in ("byte", "gpt2"):
         raise DataError(f"--tokenizer must be 'byte' or 'gpt2', got {tokenizer!r}")
+    fix = "choose another --out_dir" if out_dir else None           # None: say MINIMOE_CACHE=
+    out_dir = Path(out_dir).expanduser() if out_dir else None       # ~ as load_corpus expands --data
+    folder = _input_folder(path)
+    if folder is not None:                 # before any work: the default folder too (it is under this root)
+        check_not_inside(out_dir or default_cache_dir() / "prepared", folder)
+    if out_dir is not None:
+        check_own_files(out_dir)
     corpus = load_corpus(path, val_fraction=val_fraction)  # byte tokens, split the same way as training
     if tokenizer == "byte":
         encode, dtype, vocab = (lambda b: b), np.uint8, BYTE_VOCAB_SIZE
@@ -196,8 +309,9 @@ def prepare_text(path, tokenizer="byte", out_dir=None, val_fraction=0.01, shard_
         enc = _require("tiktoken")[0].get_encoding("gpt2")
         encode = lambda b: np.array(enc.encode_ordinary(b.tobytes().decode("utf-8", "replace")), np.uint16)
         dtype, vocab = np.uint16, GPT2_VOCAB_SIZE
-    fix = "choose another --out_dir" if out_dir else None           # None: say MINIMOE_CACHE=
-    out_dir = Path(out_dir) if out_dir else default_cache_dir() / "prepared" / f"{corpus.name}-{tokenizer}"
+    out_dir = out_dir or default_cache_dir() / "prepared" / f"{corpus.name}-{tokenizer}"
+    if folder is not None:
+        check_not_inside(out_dir, folder)
     sha = hashlib.sha256(np.asarray(corpus.train).tobytes() + np.asarray(corpus.val).tobytes()).hexdigest()
     config = {"command": "text", "source": str(path), "source_sha256": sha, "tokenizer": tokenizer,
               "val_fraction": val_fraction, "shard_tokens": shard_tokens}
@@ -231,7 +345,7 @@ def prepare_fineweb(out_dir=None, name="sample-10BT", shard_tokens=100_000_000, 
             yield np.array([eot] + enc.encode_ordinary(row["text"]), dtype=np.uint16)
 
     fix = "choose another --out_dir" if out_dir else None           # None: say MINIMOE_CACHE=
-    out_dir = Path(out_dir) if out_dir else default_cache_dir() / f"fineweb-edu-{name}"
+    out_dir = Path(out_dir).expanduser() if out_dir else default_cache_dir() / f"fineweb-edu-{name}"
     config = {"command": "fineweb", "dataset": FINEWEB_DATASET, "name": name, "shard_tokens": shard_tokens}
     state = write_shards(docs_from, out_dir, lambda k: f"{'val' if k == 0 else 'train'}_{k:06d}.bin",
                          shard_tokens, np.uint16, stream="fineweb", config=config, max_tokens=max_tokens, fix=fix)
@@ -241,8 +355,14 @@ def prepare_fineweb(out_dir=None, name="sample-10BT", shard_tokens=100_000_000, 
                                     split="shard 0 is val, the rest train")
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)   # SIGTERM ends like Ctrl-C: progress recorded
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m minimoe.prepare", description=__doc__.split("\n")[0])
+    """The command line. Exit codes: 0 done, 2 bad input or a failed write (one line, `error: ...`),
+    130 / 143 interrupted by Ctrl-C / SIGTERM (the finished shards are kept: the same command continues)."""
+    parser = OneLineParser(prog="python -m minimoe.prepare", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("text", help="tokenize a local text file, folder of text files, or 'stdlib'")
     p.add_argument("path", help="text file, folder of text files, or the literal 'stdlib'")
@@ -257,6 +377,10 @@ def main(argv=None):
     p.add_argument("--max_tokens", type=int, default=None, help="stop after this many tokens")
     args = parser.parse_args(argv)
     try:
+        previous = signal.signal(signal.SIGTERM, _stop)
+    except ValueError:                                   # not the main thread: leave signals alone
+        previous = None
+    try:
         if not 1 <= args.shard_tokens < 2**31:         # the shard header counts tokens in an int32
             raise DataError(f"--shard_tokens must be in [1, 2**31 - 1], got {args.shard_tokens}")
         if args.command == "text":
@@ -266,10 +390,18 @@ def main(argv=None):
             out_dir, meta = prepare_fineweb(args.out_dir, args.name, args.shard_tokens, args.max_tokens)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
+    except KeyboardInterrupt as e:
+        name = str(e) or "SIGINT"
+        print(f"interrupted ({name}): the finished shards are kept; run the same command again to continue",
+              file=sys.stderr)
+        return 143 if name == "SIGTERM" else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(f"{out_dir}: {meta['train_tokens']:,} train tokens in {len(meta['train_shards'])} shard(s), "
           f"{meta['val_tokens']:,} val tokens in {len(meta['val_shards'])} shard(s); "
-          f"use it with --data={out_dir}")
+          f"use it with --data={shlex.quote(str(out_dir))}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Named model + training presets for train_gpt.py, and the table of their sizes.
+"""Named model + training presets for train_gpt.py, the laptop configs, and the table of their sizes.
 
     python -m minimoe.presets            # markdown table: total / active parameters, FLOPs per token,
                                          # and the memory per GPU under DDP and FSDP
@@ -35,6 +35,10 @@ The families (all but tiny-*: 12 layers x 768 wide, GPT-2 BPE vocabulary padded 
   tiny-*           2 layers x 64 wide, byte vocabulary (256), the built-in stdlib corpus: seconds on a
                    CPU, for tests and for trying torchrun without a GPU.
 
+The laptop configs (laptop_model, laptop_train) are the CPU regime of train_small.py and of the
+studies (python -m minimoe.study laptop): 2 layers x 64, context 64, bytes, 8 experts of width 128,
+top-2; 1500 steps of 32 x 64 tokens.
+
 Micro-batch sizes (batch_size) of the GPT-2-scale presets are starting points for 80 GB GPUs, not
 measured values; if a run runs out of memory lower --batch_size: total_batch_tokens (the optimizer's
 batch) stays the same and gradient accumulation makes up the difference.
@@ -45,6 +49,7 @@ import sys
 
 import torch
 
+from .config import TrainConfig
 from .data import default_cache_dir
 from .fsdp import state_bytes_per_gpu
 from .model import GPT, GPTConfig
@@ -71,6 +76,23 @@ class Preset:
         """The exact command that writes this preset's default data folder."""
         return f"python -m minimoe.prepare fineweb --name={self.fineweb}" if self.fineweb else None
 
+
+# --------------------------------------------------------------------------- the laptop configs
+
+def laptop_model() -> GPTConfig:
+    """The train_small regime: 2 layers x 64, context 64, bytes, 8 experts of width 128, top-2."""
+    return GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=64, ffn="moe",
+                     n_experts=8, top_k=2, d_ffn=128)
+
+
+def laptop_train() -> TrainConfig:
+    """1500 steps x 32 x 64 = 3.1M tokens, ~20 tokens per total (MoE) parameter."""
+    return TrainConfig(out_dir="out-study/laptop", max_iters=1500, eval_interval=100, eval_iters=20,
+                       log_interval=25, batch_size=32, learning_rate=2e-3, min_lr=2e-4, warmup_iters=30,
+                       sample_tokens=200, sample_start="def ")
+
+
+# --------------------------------------------------------------------------- GPU presets
 
 def fineweb_dir(name: str) -> str:
     # must match prepare.prepare_fineweb's default out_dir

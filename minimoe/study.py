@@ -32,13 +32,10 @@ numbers and the summaries) and loss.png, final.png, paired.png, entropy.png, cos
 
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
-import hashlib
 import itertools
 import json
 import math
-import os
 from pathlib import Path
-import platform
 import shlex
 import statistics
 import sys
@@ -47,62 +44,19 @@ import typing
 import torch
 from tqdm import tqdm
 
+from .checkpoint import data_fingerprint
+from .cli import parse_overrides, parse_value
 from .data import load_corpus
+from .files import CachedRun, cached_run, read_log, writable_folder
+from .hardware import describe_machine
 from .model import GPT, GPTConfig
 from .plots import (plot_entropy_per_layer, plot_final_losses, plot_loss_vs_cost, plot_losses,
-                    plot_paired_differences, read_log)
-from .train import (TrainConfig, TrainingDiverged, _convert, data_fingerprint, grad_accum_steps, parse_overrides,
-                    resolve_device, train, writable_folder)
+                    plot_paired_differences)
+from .presets import laptop_model, laptop_train
+from .runtime import grad_accum_steps, resolve_device
+from .stats import fmt_ci, mean_ci, paired_difference, t_quantile_975  # noqa: F401 (notebooks import them here)
+from .train import TrainConfig, TrainingDiverged, train
 from . import variants as variants_module
-
-
-# --------------------------------------------------------------------------- statistics
-
-# t_{0.975, df}: the two-sided 95% quantile of Student's t, exact to 7 digits for df <= 10
-# (standard tables); beyond, the Cornish-Fisher expansion below (error < 1e-5 for df > 10).
-T975 = {1: 12.7062047, 2: 4.3026527, 3: 3.1824463, 4: 2.7764451, 5: 2.5705818, 6: 2.4469119,
-        7: 2.3646243, 8: 2.3060041, 9: 2.2621572, 10: 2.2281389}
-Z975 = 1.959963984540054
-
-
-def t_quantile_975(df: int) -> float:
-    """t_{0.975}(df), the multiplier of the standard error in a 95% CI from df+1 samples."""
-    if not isinstance(df, int) or isinstance(df, bool) or df < 1:
-        raise ValueError(f"degrees of freedom df={df!r} is invalid: must be an integer >= 1")
-    if df in T975:
-        return T975[df]
-    z, n = Z975, float(df)            # Cornish-Fisher expansion of t in powers of 1/df (A&S 26.7.5)
-    return (z + (z**3 + z) / (4 * n) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * n**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * n**3)
-            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * n**4))
-
-
-def mean_ci(values) -> tuple[float, float | None]:
-    """(mean, half-width of its 95% CI): mean +- t_{0.975,n-1} * s / sqrt(n). One value: no CI."""
-    values = [float(v) for v in values]
-    if not values:
-        raise ValueError("mean_ci needs at least one value")
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, None
-    return m, t_quantile_975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-
-
-def paired_difference(a: dict, b: dict) -> tuple[float | None, float | None, int]:
-    """a, b: {seed: value}. Mean and 95% CI half-width of a[s] - b[s] over the seeds both have,
-    and how many those are. The pairing removes the noise the two runs of one seed share."""
-    common = sorted(set(a) & set(b))
-    if not common:
-        return None, None, 0
-    m, ci = mean_ci([a[s] - b[s] for s in common])
-    return m, ci, len(common)
-
-
-def fmt_ci(m, ci, digits=4, sign=False) -> str:
-    if m is None:
-        return "-"
-    s = f"{m:+.{digits}f}" if sign else f"{m:.{digits}f}"
-    return s if ci is None else f"{s} ± {ci:.{digits}f}"
 
 
 # --------------------------------------------------------------------------- the studies
@@ -177,7 +131,7 @@ def tune_grid(text: str) -> list[dict]:
         if name not in hints or name in UNTUNABLE or not values:
             raise ValueError(f"--tune={text!r} is invalid: write FIELD=v1,v2[;FIELD=...] with GPTConfig/"
                              f"TrainConfig fields other than {', '.join(UNTUNABLE)}")
-        axes[name] = [_convert(name, v.strip(), hints[name]) for v in values.split(",")]
+        axes[name] = [parse_value(name, v.strip(), hints[name]) for v in values.split(",")]
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
@@ -187,19 +141,6 @@ class Study:
     model: GPTConfig
     train: TrainConfig
     grid: StudyConfig = field(default_factory=StudyConfig)
-
-
-def laptop_model() -> GPTConfig:
-    """The train_small regime: 2 layers x 64, context 64, bytes, 8 experts of width 128, top-2."""
-    return GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=64, ffn="moe",
-                     n_experts=8, top_k=2, d_ffn=128)
-
-
-def laptop_train() -> TrainConfig:
-    """1500 steps x 32 x 64 = 3.1M tokens, ~20 tokens per total (MoE) parameter."""
-    return TrainConfig(out_dir="out-study/laptop", max_iters=1500, eval_interval=100, eval_iters=20,
-                       log_interval=25, batch_size=32, learning_rate=2e-3, min_lr=2e-4, warmup_iters=30,
-                       sample_tokens=200, sample_start="def ")
 
 
 def studies() -> dict[str, Study]:
@@ -236,24 +177,30 @@ def studies_help() -> str:
 
 
 @dataclass
-class Run:
+class StudyRun:
+    """One run of a study's grid: a variant at one seed and budget, with the tuned values it uses."""
     variant: str
     seed: int
     budget: int
     tuned: dict                      # the grid values this run uses
     model: GPTConfig
     train: TrainConfig
-    key: str                         # sha1 of the full config, minus NOT_IDENTITY
+    cache: CachedRun                 # its folder and key (sha1 of the full config minus NOT_IDENTITY)
     tuning: bool = False             # a run of the tuning grid (tune_seed), not a reported one
 
     @property
+    def key(self) -> str:
+        return self.cache.key
+
+    @property
     def dir(self) -> Path:
-        return Path(self.train.out_dir)
+        return self.cache.folder
 
 
 def make_run(variant, seed, budget, tuned, base: GPTConfig, cfg: TrainConfig, root: Path, data: str,
-             tuning=False) -> Run:
-    """The run of `variant` with the `tuned` field values; data: the corpus's fingerprint (part of the key)."""
+             tuning=False) -> StudyRun:
+    """The run of `variant` with the `tuned` field values; data: the corpus's fingerprint (part of the key).
+    It lives in the run cache (files.cached_run): root/runs/<variant>-seed<s>-iters<n>-<key[:10]>/."""
     tuned_model = {k: v for k, v in tuned.items() if k in {f.name for f in fields(GPTConfig)}}
     mc = variants_module.variant_config(variant, replace(base, **tuned_model))
     tc = replace(cfg, **{k: v for k, v in tuned.items() if k not in tuned_model}, seed=seed, max_iters=budget)
@@ -261,24 +208,16 @@ def make_run(variant, seed, budget, tuned, base: GPTConfig, cfg: TrainConfig, ro
     for part in (ident["model"], ident["train"]):
         for name in NOT_IDENTITY:
             part.pop(name, None)
-    key = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
-    folder = root / "runs" / f"{variant}-seed{seed}-iters{budget}-{key[:10]}"
-    return Run(variant, seed, budget, tuned, mc, replace(tc, out_dir=str(folder), init_from="scratch"), key, tuning)
+    cache = cached_run(root, f"{variant}-seed{seed}-iters{budget}", ident)
+    return StudyRun(variant, seed, budget, tuned, mc, replace(tc, out_dir=str(cache.folder), init_from="scratch"),
+                    cache, tuning)
 
 
-def load_result(run: Run) -> dict | None:
+def load_result(run: StudyRun) -> dict | None:
     """The run's finished result, labelled as *this* study sees the run: a run reused from another
     study (same config, so same key and folder) carries that study's `tuned`/`tuning` on disk."""
-    path = run.dir / "result.json"
-    if not path.exists():
-        return None
-    try:
-        r = json.loads(path.read_text())
-        assert isinstance(r, dict)
-    except (ValueError, AssertionError):
-        raise ValueError(f"{path} is not a study result (damaged or edited JSON); delete it to train that run "
-                         f"again") from None
-    return {**r, "tuned": run.tuned, "tuning": run.tuning} if r.get("key") == run.key else None
+    r = run.cache.result()
+    return {**r, "tuned": run.tuned, "tuning": run.tuning} if r is not None else None
 
 
 def sizes(mc: GPTConfig, accum_steps: int = 1) -> dict:
@@ -298,9 +237,9 @@ class Interrupted(Exception):
         self.signal_name = signal_name
 
 
-def run_one(run: Run, corpus) -> dict:
+def run_one(run: StudyRun, corpus) -> dict:
     """Train (or resume) one run and write its result.json. Raises Interrupted on Ctrl-C / SIGTERM."""
-    cfg = replace(run.train, init_from="resume" if (run.dir / "ckpt.pt").exists() else "scratch")
+    cfg = replace(run.train, init_from=run.cache.init_from())
     r = train(run.model, cfg, corpus=corpus)
     r.pop("model", None)
     if r.get("interrupted"):
@@ -315,10 +254,7 @@ def run_one(run: Run, corpus) -> dict:
                                       "final_val_se", "final_val_windows")},
               "routing": [{k: layer[k] for k in ("layer", "ent_load", "ent_conf", "load")}
                           for layer in r.get("routing") or []]}
-    tmp = run.dir / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, run.dir / "result.json")              # atomic: a result is whole or absent
-    return result
+    return run.cache.finish(result)                     # atomic: a result is whole or absent
 
 
 # --------------------------------------------------------------------------- summaries
@@ -367,7 +303,8 @@ def summarize(reported: list[dict], variants: list[str], budgets: list[int], bas
     return rows
 
 
-def results_table(rows: list[dict], baseline: str) -> str:
+def summary_table(rows: list[dict], baseline: str) -> str:
+    """Markdown table of summarize()'s rows: one per (budget, variant), with the paired difference."""
     head = ["variant", "tokens", "seeds", "val loss (nats, mean ± 95% CI)", f"Δ vs {baseline} (paired, ± 95% CI)",
             "params total", "params active", "train FLOPs/token", "train FLOPs", "tokens/s", "train s",
             "Ent_load", "Ent_conf"]
@@ -400,18 +337,6 @@ def tuning_table(tune_results: list[dict], grid: list[dict], best: dict) -> str:
     return "\n".join(lines)
 
 
-def describe_machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        where = torch.cuda.get_device_name(device)
-    else:
-        names = [s.split(":", 1)[1].strip() for s in Path("/proc/cpuinfo").read_text().splitlines()
-                 if s.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
-        where = f"{names[0] if names else platform.processor() or platform.machine()}, " \
-                f"{torch.get_num_threads()} thread(s) of {os.cpu_count()} logical cores"
-    return f"{where}; {platform.system()} {platform.release()}, Python {platform.python_version()}, " \
-           f"torch {torch.__version__}"
-
-
 # --------------------------------------------------------------------------- main
 
 def parse(argv) -> tuple[str, GPTConfig, TrainConfig, StudyConfig, set]:
@@ -429,6 +354,80 @@ def parse(argv) -> tuple[str, GPTConfig, TrainConfig, StudyConfig, set]:
         if field_name in given:        # the grid sets these per run
             raise ValueError(f"--{field_name} is set by the study's grid: use {use} instead")
     return name, model, cfg, grid, given
+
+
+class Runner:
+    """Trains a study's runs in the order given, each unless it is finished (result.json); stops at
+    --max_runs new runs or at a signal, and says why (stopped)."""
+
+    def __init__(self, corpus, max_runs: int, total: int, label: str, progress: bool):
+        self.corpus, self.max_runs = corpus, max_runs
+        self.results: dict = {}                   # run key -> result, for every finished run
+        self.new, self.stopped = 0, None
+        self.bar = tqdm(total=total, desc=label, unit="run", position=0, dynamic_ncols=True, disable=not progress)
+
+    def load(self, run: StudyRun) -> bool:
+        """Take the run's result if an earlier invocation finished it."""
+        if run.key not in self.results and (r := load_result(run)) is not None:
+            self.results[run.key] = r
+        return run.key in self.results
+
+    def do(self, run: StudyRun) -> bool:
+        """Train `run` unless it is done; False when the study must stop (max_runs, a signal)."""
+        if self.load(run):
+            self.bar.update(1)
+            return True
+        if self.max_runs and self.new >= self.max_runs:
+            self.stopped = f"--max_runs={self.max_runs} reached"
+            return False
+        self.bar.set_postfix_str(f"{run.variant} seed {run.seed} {run.budget} steps")
+        try:
+            self.results[run.key] = run_one(run, self.corpus)
+        except Interrupted as e:
+            self.stopped = e.signal_name
+            return False
+        self.new += 1
+        self.bar.update(1)
+        return True
+
+
+def report_header(name, command, device, corpus, base: GPTConfig, cfg: TrainConfig, grid: StudyConfig,
+                  seeds: list[int], done: int, total: int, stopped: str | None) -> list[str]:
+    """The lines of study.md above the table: the command, the machine, the runs, the regime, the rules."""
+    return [f"# Study `{name}`\n", f"`{command}`\n",
+            f"- {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {describe_machine(device)}; device {device}",
+            f"- {done} of {total} runs finished" + (f" (stopped: {stopped}; run the same command to continue)"
+                                                    if stopped else ""),
+            f"- data {corpus.name}; model {base.n_layer} layers x {base.n_embd}, context {base.block_size}, "
+            f"{base.n_experts} experts top-{base.top_k}, d_ffn {base.ffn_dim}; batch {cfg.batch_size} x "
+            f"{base.block_size}; lr {cfg.learning_rate} (cosine to {cfg.min_lr}, warmup {cfg.warmup_iters})",
+            f"- seeds {seeds}: run s of every variant has seed s for init and batches (paired); val loss on the "
+            f"same {cfg.eval_iters} x {cfg.batch_size} x {base.block_size} val tokens for every run",
+            "- **budgets:** rows with the same tokens are at equal training tokens; compare `params total` "
+            "for equal parameters, `train FLOPs` (6 x active matmul params + attention, per token) for equal "
+            "compute, `train s` (measured, evaluation excluded) for equal wall-clock; cost.png plots both",
+            f"- CI: 95%, Student t over seeds; Δ: per-seed difference to {grid.baseline}, negative = better\n"]
+
+
+def write_figures(name, rows: list[dict], main_runs: list[StudyRun], results: dict, variants: list[str],
+                  baseline: str, root: Path) -> list[str]:
+    """loss.png, final.png, paired.png, entropy.png, cost.png in root (those that have data); their names."""
+    largest = max(r["budget"] for r in rows)
+    logs = {v: [read_log(r.dir) for r in main_runs if r.variant == v and r.budget == largest
+                and r.key in results] for v in variants}
+    title = f"study {name}, {largest} steps"
+    plot_losses({v: lg for v, lg in logs.items() if lg}, root / "loss.png",
+                title=f"Validation loss vs tokens, mean ± std over seeds ({title})")
+    plot_final_losses(rows, root / "final.png", title=f"Final val loss, mean ± 95% CI (study {name})")
+    files = ["loss.png", "final.png"]
+    if plot_paired_differences(rows, baseline, root / "paired.png",
+                               title=f"Paired difference to {baseline}, mean ± 95% CI (study {name})"):
+        files.append("paired.png")
+    if plot_entropy_per_layer([r for r in rows if r["budget"] == largest], root / "entropy.png",
+                              title=f"Routing entropy per layer at the end, mean ± 95% CI ({title})"):
+        files.append("entropy.png")
+    plot_loss_vs_cost(rows, root / "cost.png", title=f"Final val loss vs training cost (study {name})")
+    return files + ["cost.png"]
 
 
 def main(argv=None) -> int:
@@ -459,91 +458,37 @@ def main(argv=None) -> int:
         for budget, v, g in itertools.product(budgets, variants, points):
             runs[("tune", v, budget, json.dumps(g, sort_keys=True))] = \
                 make_run(v, grid.tune_seed, budget, g, base, cfg, root, data, tuning=True)
-    results = {}                                  # run key -> result, for every finished run
-    for run in runs.values():
-        if (r := load_result(run)) is not None:
-            results[run.key] = r
     total = len(runs) + len(variants) * len(seeds) * len(budgets)
-    new, stopped = 0, None
-    bar = tqdm(total=total, desc=f"study {name}", unit="run", position=0, dynamic_ncols=True,
-               disable=not cfg.progress)
-
-    def do(run: Run) -> bool:
-        """Train `run` unless it is done; False when the study must stop (max_runs, a signal)."""
-        nonlocal new, stopped
-        if run.key not in results and (r := load_result(run)) is not None:
-            results[run.key] = r                  # finished by an earlier invocation: skip it
-        if run.key in results:
-            bar.update(1)
-            return True
-        if grid.max_runs and new >= grid.max_runs:
-            stopped = f"--max_runs={grid.max_runs} reached"
-            return False
-        bar.set_postfix_str(f"{run.variant} seed {run.seed} {run.budget} steps")
-        try:
-            results[run.key] = run_one(run, corpus)
-        except Interrupted as e:
-            stopped = e.signal_name
-            return False
-        new += 1
-        bar.update(1)
-        return True
-
+    runner = Runner(corpus, grid.max_runs, total, f"study {name}", cfg.progress)
+    for run in runs.values():
+        runner.load(run)
     main_runs = []
     try:
-        if all(do(r) for r in runs.values()):
-            best = {(v, b): best_tuned(results, v, b, points, runs) if grid.tune else {}
+        if all(runner.do(r) for r in runs.values()):
+            best = {(v, b): best_tuned(runner.results, v, b, points, runs) if grid.tune else {}
                     for b in budgets for v in variants}
             for seed, budget, v in itertools.product(seeds, budgets, variants):
                 run = make_run(v, seed, budget, best[(v, budget)], base, cfg, root, data)
                 main_runs.append(run)
-                if not do(run):
+                if not runner.do(run):
                     break
     finally:
-        bar.close()
+        runner.bar.close()
 
     # --- report: whatever is finished (a partial study says so) ---
+    results, stopped = runner.results, runner.stopped
     tune_results = [results[r.key] for r in runs.values() if r.key in results]
     best = {(v, b): best_tuned(results, v, b, points, runs) for b in budgets for v in variants} if grid.tune else {}
     reported = [results[r.key] for r in main_runs if r.key in results]
     rows = summarize(reported, variants, budgets, grid.baseline)
     done = len(tune_results) + len(reported)
-    table = results_table(rows, grid.baseline) if rows else "(no reported run has finished yet)"
-    report = [f"# Study `{name}`\n", f"`{command}`\n",
-              f"- {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {describe_machine(device)}; device {device}",
-              f"- {done} of {total} runs finished" + (f" (stopped: {stopped}; run the same command to continue)"
-                                                      if stopped else ""),
-              f"- data {corpus.name}; model {base.n_layer} layers x {base.n_embd}, context {base.block_size}, "
-              f"{base.n_experts} experts top-{base.top_k}, d_ffn {base.ffn_dim}; batch {cfg.batch_size} x "
-              f"{base.block_size}; lr {cfg.learning_rate} (cosine to {cfg.min_lr}, warmup {cfg.warmup_iters})",
-              f"- seeds {seeds}: run s of every variant has seed s for init and batches (paired); val loss on the "
-              f"same {cfg.eval_iters} x {cfg.batch_size} x {base.block_size} val tokens for every run",
-              "- **budgets:** rows with the same tokens are at equal training tokens; compare `params total` "
-              "for equal parameters, `train FLOPs` (6 x active matmul params + attention, per token) for equal "
-              "compute, `train s` (measured, evaluation excluded) for equal wall-clock; cost.png plots both",
-              f"- CI: 95%, Student t over seeds; Δ: per-seed difference to {grid.baseline}, negative = better\n",
-              table, ""]
+    table = summary_table(rows, grid.baseline) if rows else "(no reported run has finished yet)"
+    report = report_header(name, command, device, corpus, base, cfg, grid, seeds, done, total, stopped) + [table, ""]
     if grid.tune:
         report += [f"## Tuning (seed {grid.tune_seed}, the same grid for every variant; val loss, chosen in bold)\n",
                    tuning_table(tune_results, points, best), ""]
-    files = []
-    if rows:
-        largest = max(r["budget"] for r in rows)
-        logs = {v: [read_log(r.dir) for r in main_runs if r.variant == v and r.budget == largest
-                    and r.key in results] for v in variants}
-        title = f"study {name}, {largest} steps"
-        plot_losses({v: lg for v, lg in logs.items() if lg}, root / "loss.png",
-                    title=f"Validation loss vs tokens, mean ± std over seeds ({title})")
-        plot_final_losses(rows, root / "final.png", title=f"Final val loss, mean ± 95% CI (study {name})")
-        files += ["loss.png", "final.png"]
-        if plot_paired_differences(rows, grid.baseline, root / "paired.png",
-                                   title=f"Paired difference to {grid.baseline}, mean ± 95% CI (study {name})"):
-            files.append("paired.png")
-        if plot_entropy_per_layer([r for r in rows if r["budget"] == largest], root / "entropy.png",
-                                  title=f"Routing entropy per layer at the end, mean ± 95% CI ({title})"):
-            files.append("entropy.png")
-        plot_loss_vs_cost(rows, root / "cost.png", title=f"Final val loss vs training cost (study {name})")
-        files.append("cost.png")
+    files = write_figures(name, rows, main_runs, results, variants, grid.baseline, root) if rows else []
+    if files:
         report.append("Figures: " + ", ".join(files) + "\n")
     (root / "study.md").write_text("\n".join(report))
     (root / "study.json").write_text(json.dumps(
@@ -553,7 +498,7 @@ def main(argv=None) -> int:
          "runs": tune_results + reported}, indent=1, default=str))
     print(f"\n{table}\n\nwrote {root}/study.md, study.json{''.join(', ' + f for f in files)}")
     if stopped:
-        print(f"stopped ({stopped}) after {new} new run(s); continue with:  {command}")
+        print(f"stopped ({stopped}) after {runner.new} new run(s); continue with:  {command}")
         return {"SIGINT": 130, "SIGTERM": 143}.get(stopped, 0)
     return 0
 

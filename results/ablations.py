@@ -35,7 +35,8 @@ from minimoe import aoe as aoe_module, moe as moe_module  # noqa: E402
 from minimoe.data import BatchSampler, load_corpus  # noqa: E402
 from minimoe.dispatch import Routing, route  # noqa: E402
 from minimoe.study import fmt_ci, mean_ci, paired_difference  # noqa: E402
-from minimoe.train import VAL_SEED, load_model  # noqa: E402
+from minimoe.checkpoint import load_model  # noqa: E402
+from minimoe.config import VAL_SEED  # noqa: E402
 
 BASE = "python -m minimoe.study laptop --threads=2 --progress=false --max_runs=2"
 

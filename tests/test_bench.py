@@ -137,3 +137,47 @@ def test_recorded_matmuls_count_grouped_and_weight_gradient_shapes():
     assert names.count("_grouped_mm") == 3 and names.count("bmm") == 3   # forward, grad x, grad w (each)
     assert bench.matmul_flops(calls) == 3 * 2 * 12 * 8 * 4 + 3 * 2 * 3 * 8 * 4 * 8
     bench.replay_step(calls)()                                      # runs them again, no autograd
+
+
+# --------------------------------------------------------------------------- bad input: one line, before any timing
+
+def _refused(argv, capsys, monkeypatch, says):
+    """bench.main(argv) exits 2 with one `error:` line naming the value, and never reaches the timing."""
+    def no_timing(*a, **k):
+        raise AssertionError("timing started before the input was checked")
+    monkeypatch.setattr(bench, "time_steps", no_timing)
+    threads = torch.get_num_threads()
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+    assert torch.get_num_threads() == threads                      # nothing changed before the check
+
+
+@pytest.mark.parametrize("arg, says", [
+    ("--threads=-1", "--threads=-1 is outside [0, 4096]"), ("--tokens=0", "--tokens=0 is outside"),
+    ("--tokens=-64", "--tokens=-64"), ("--repeats=0", "--repeats=0"), ("--repeats=-3", "--repeats=-3"),
+    ("--n_embd=0", "--n_embd=0"), ("--d_ffn=-1", "--d_ffn=-1"), ("--threads=100000", "--threads=100000"),
+    ("--device=foo", "--device='foo' is not a device: allowed are auto, cpu, cuda, cuda:N, mps"),
+    ("--device=cuda:x", "--device='cuda:x' is not a device"), ("--device=meta", "--device='meta'"),
+    ("--configs=8,2,32;8,0,32", "config E=8,K=0,d_low=32"), ("--configs=8,2,32;4,8,32", "config E=4,K=8"),
+    ("--configs=8,2,32;8,2,-5", "config E=8,K=2,d_low=-5"), ("--tokens=ten", "--tokens: invalid int value"),
+])
+def test_bad_values_are_one_line_before_any_timing(arg, says, capsys, monkeypatch):
+    _refused(["--n_embd=32", "--d_ffn=64", "--tokens=32", "--repeats=1", arg], capsys, monkeypatch, says)
+
+
+def test_an_absent_gpu_is_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)     # as on a machine without one
+    _refused(["--device=cuda"], capsys, monkeypatch, "--device='cuda' is invalid: CUDA is not available")
+    _refused(["--device=cuda:1"], capsys, monkeypatch, "CUDA is not available")
+
+
+def test_a_gpu_index_past_the_last_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert bench.pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match=r"--device=cuda:2: this machine has 2 GPU\(s\) \(cuda:0 to cuda:1\)"):
+        bench.pick_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.pick_device("auto").type in ("cpu", "mps")

@@ -83,3 +83,67 @@ def test_a_failed_row_is_reported_in_its_table_row():
     assert lines[-1].startswith("| gpt2-aoe | aoe |") and "failed: CUDA out of memory" in lines[-1]
     assert lines[-1].count("|") == lines[-3].count("|")       # as many cells as the header
     assert bench_model.ratios([row]) == []
+
+
+def test_the_timed_step_is_the_training_loops_own(monkeypatch):
+    """bench gpu times train.train_step, expert-bias update included (it once rewrote the step without it)."""
+    from minimoe import train
+    calls = []
+    real = train.update_expert_bias
+    monkeypatch.setattr(train, "update_expert_bias", lambda model, rt: calls.append(1) or real(model, rt))
+    cfg, tcfg = bench_model.model_spec("moe+bias@tiny-moe")
+    row = bench_model.time_training(cfg, tcfg, torch.device("cpu"), torch.float32, compile=False, batch_size=2,
+                                    seq_len=16, steps=2, warmup=1)
+    assert len(calls) == 3 and row["tokens_per_sec"] > 0
+# --------------------------------------------------------------------------- bad input: one line, before any timing
+
+def _refused(argv, capsys, monkeypatch, says):
+    def no_timing(*a, **k):
+        raise AssertionError("timing started before the input was checked")
+    monkeypatch.setattr(bench_model, "time_training", no_timing)
+    monkeypatch.setattr(bench_model, "time_sampling", no_timing)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["gpu", "--models=tiny-moe", "--compile=off", "--steps=1", "--warmup=0", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+
+
+@pytest.mark.parametrize("arg, says", [
+    ("--threads=-2", "--threads=-2 is outside [0, 4096]"), ("--steps=-1", "--steps=-1"), ("--warmup=-1", "--warmup=-1"),
+    ("--sample_tokens=-5", "--sample_tokens=-5"), ("--sample_prompt=0", "--sample_prompt=0"),
+    ("--batch_size=0", "--batch_size=0 is outside [1,"), ("--seq_len=0", "--seq_len=0"), ("--batch_size=-4", "-4"),
+    ("--device=foo", "--device='foo' is not a device"), ("--device=cuda:", "--device='cuda:'"),
+    ("--steps=many", "--steps: invalid int value"),
+])
+def test_bad_values_are_one_line_before_any_timing(arg, says, tmp_path, capsys, monkeypatch):
+    _refused(["--device=cpu", f"--out_dir={tmp_path / 'o'}", arg], capsys, monkeypatch, says)
+    assert not (tmp_path / "o").exists()                          # nothing made for a refused command
+
+
+def test_an_absent_gpu_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _refused(["--device=cuda", f"--out_dir={tmp_path}"], capsys, monkeypatch, "CUDA is not available")
+
+
+def test_an_out_dir_that_cannot_hold_the_results_is_refused_before_timing(tmp_path, capsys, monkeypatch):
+    import os
+    (tmp_path / "file").write_text("x")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "taken" / "bench_model.md").mkdir(parents=True)
+    (tmp_path / "ro").mkdir()
+    for out, says in ((tmp_path / "file", "is a file, not a folder"), (tmp_path / "fifo", "is a FIFO"),
+                      (tmp_path / "loop", "not accessible"), (tmp_path / "file" / "sub", "not accessible (Not a directory)"),
+                      (tmp_path / "taken", "bench_model.md is a folder")):
+        _refused(["--device=cpu", f"--out_dir={out}"], capsys, monkeypatch, says)
+    if os.geteuid() != 0:                                          # root writes anywhere
+        (tmp_path / "ro").chmod(0o500)
+        _refused(["--device=cpu", f"--out_dir={tmp_path / 'ro'}"], capsys, monkeypatch, "not a writable folder")
+
+
+def test_out_dir_with_a_tilde_is_the_home_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    bench.main(["gpu", "--device=cpu", "--models=tiny-dense", "--compile=off", "--dtype=fp32", "--steps=1",
+                "--warmup=0", "--batch_size=1", "--seq_len=8", "--sample_tokens=0", "--out_dir=~/b"])
+    assert (tmp_path / "home" / "b" / "bench_model.json").exists() and not (tmp_path / "~").exists()

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from minimoe import data
-from minimoe.data import (BYTE_VOCAB_SIZE, BatchSampler, Corpus, DataError, ShardedArray, decode_bytes,
-                          default_cache_dir, encode_bytes, load_corpus, read_shard, write_shard)
+from minimoe.data import (BYTE_VOCAB_SIZE, BatchSampler, Corpus, DataError, decode_bytes, default_cache_dir,
+                          encode_bytes, load_corpus)
+from minimoe.shards import ShardedArray, read_shard, write_shard
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 20
 

@@ -23,9 +23,10 @@ import pytest
 import torch
 
 import train_small
-from minimoe import sample, train as train_module
+from minimoe import checkpoint, runtime, sample
 from minimoe.data import Corpus, load_corpus
-from minimoe.train import CheckpointError, TrainingDiverged, data_fingerprint, load_model, train
+from minimoe.checkpoint import CheckpointError, data_fingerprint, load_model
+from minimoe.train import TrainingDiverged, train
 from test_train import CORPUS, fast, read_log, tiny
 from test_train_gpt import FAST, make_shards
 
@@ -338,11 +339,11 @@ def test_save_on_a_disk_that_filled_up_keeps_the_last_checkpoint(tmp_path, monke
 
 
 def test_batch_far_beyond_memory_is_refused_before_step_0(tmp_path, monkeypatch):
-    parts = train_module.estimate_memory(tiny(), fast(tmp_path), torch.float32, n_params=1000)
+    parts = runtime.estimate_memory(tiny(), fast(tmp_path), torch.float32, n_params=1000)
     assert parts["logits"] == 4 * 32 * 256 * 12 and parts["weights and optimizer"] == 16_000
-    double = train_module.estimate_memory(tiny(), fast(tmp_path, batch_size=8), torch.float32, n_params=1000)
+    double = runtime.estimate_memory(tiny(), fast(tmp_path, batch_size=8), torch.float32, n_params=1000)
     assert double["activations"] == 2 * parts["activations"] > 0
-    monkeypatch.setattr(train_module, "available_memory", lambda device: 1_000_000)   # 1 MB left
+    monkeypatch.setattr(runtime, "available_memory", lambda device: 1_000_000)   # 1 MB left
     with pytest.raises(ValueError, match=r"--batch_size=64 does not fit: a step of 64 x 32 tokens needs at least "
                                          r"\d+ MiB .*logits 6 MiB.*more than 90% of the 1 MiB of available memory"):
         train(tiny(), fast(tmp_path, batch_size=64), corpus=CORPUS)
@@ -394,7 +395,7 @@ def test_shard_fingerprint_sees_a_changed_shard(tmp_path, monkeypatch):
     shard = data / "train_000000.bin"
     raw = bytearray(shard.read_bytes())
     with monkeypatch.context() as m:
-        m.setattr(train_module, "FINGERPRINT_WHOLE_BYTES", 1000)       # these shards count as large here
+        m.setattr(checkpoint, "FINGERPRINT_WHOLE_BYTES", 1000)       # these shards count as large here
         base = data_fingerprint(load_corpus(str(data)))
         assert data_fingerprint(load_corpus(str(data))) == base         # stable
         raw[1024 + 5] ^= 1                                               # a token near the start

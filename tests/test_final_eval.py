@@ -8,7 +8,8 @@ import torch
 
 from minimoe.data import Corpus, encode_bytes
 from minimoe.model import GPT, GPTConfig
-from minimoe.train import FINAL_VAL_FILE, TrainConfig, final_val_loss, train
+from minimoe.outdir import FINAL_VAL_FILE
+from minimoe.train import TrainConfig, final_val_loss, train
 
 TOKENS = encode_bytes(open(__file__).read() * 3)
 CORPUS = Corpus("toy", TOKENS[:6000], TOKENS[6000:], 256, {"tokenizer": "byte"})

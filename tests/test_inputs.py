@@ -26,13 +26,16 @@ import torch
 
 import train_gpt
 import train_small
-from minimoe import data, plots, prepare
-from minimoe.data import BatchSampler, Corpus, DataError, load_corpus, remove_stale_tmp, write_shard
+from minimoe import data, plots, prepare, shards
+from minimoe.data import BatchSampler, Corpus, DataError, load_corpus
+from minimoe.shards import write_shard
+from minimoe.files import remove_stale_tmp
 from minimoe.dispatch import load_entropy
 from minimoe.metrics import Rule, evaluate_rule
 from minimoe.model import GPT, GPTConfig
 from minimoe.sample import SampleConfig
-from minimoe.train import TrainConfig, estimate_loss, help_text, parse_overrides
+from minimoe.cli import help_text, parse_overrides
+from minimoe.train import TrainConfig, estimate_loss
 from minimoe.validate import check_fields, interval, show, unranged_fields
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -310,9 +313,9 @@ def test_binary_junk_says_what_is_accepted(tmp_path):
 def test_read_regular_file_reads_exactly_the_size(tmp_path):
     path = tmp_path / "a.txt"
     path.write_bytes(b"abc")
-    assert data.read_regular_file(path) == b"abc"
+    assert shards.read_regular_file(path) == b"abc"
     with pytest.raises(DataError, match="is a character device"):
-        data.read_regular_file("/dev/zero")
+        shards.read_regular_file("/dev/zero")
 
 
 # --------------------------------------------------------------------------- 3. environment problems
@@ -485,7 +488,7 @@ def test_plots_and_the_table_say_nats(tmp_path, monkeypatch):
     assert len(shown) >= 3 and all("nats" in t for t in shown), shown
     result = {"params_total": 1e6, "params_active": 5e5, "val_loss": 2.0, "val_bpb": 2.9, "tokens_per_sec": 100,
               "ent_load": 1.3, "ent_conf": 1.1, "routing": rows[-1]["routing"]}
-    header = train_small.results_table({"moe": [result]}).splitlines()[0]
+    header = train_small.models_table({"moe": [result]}).splitlines()[0]
     assert "Ent_load (nats, max 1.386)" in header and "Ent_conf (nats)" in header
 
 
@@ -496,11 +499,153 @@ def test_a_corrupt_progress_file_is_one_line(tmp_path, content, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "progress.json").write_text(content)
-    assert prepare.main(["text", str(src), f"--out_dir={out}"]) == 1
+    assert prepare.main(["text", str(src), f"--out_dir={out}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "progress.json" in err and "delete it" in err and "\n" not in err
     with pytest.raises(SystemExit, match="2"):                   # argparse's own usage error for a non-int
         prepare.main(["text", str(src), f"--out_dir={out}", "--shard_tokens=1e20"])
     capsys.readouterr()
-    assert prepare.main(["text", str(src), f"--out_dir={out}", f"--shard_tokens={2**40}"]) == 1
+    assert prepare.main(["text", str(src), f"--out_dir={out}", f"--shard_tokens={2**40}"]) == 2
     assert "--shard_tokens must be in [1, 2**31 - 1], got 1099511627776" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- 6. sample: the prompt, the device, the paths
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A byte-level checkpoint with block_size 16, saved as train.py saves one (no training needed)."""
+    from dataclasses import asdict
+    from minimoe.checkpoint import save_checkpoint
+    out = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=1, n_embd=16, ffn="dense", d_ffn=32)
+    save_checkpoint(out / "ckpt.pt", {"model": GPT(cfg).state_dict(), "model_config": asdict(cfg)})
+    return out
+
+
+SAMPLE_CHILD = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))   # a prompt repeated into tens of GB fails, not the machine
+from minimoe import sample
+out = {}
+for case in json.loads(sys.argv[1]):
+    try:
+        texts = sample.sample(sample.SampleConfig(**case["cfg"]))
+        out[case["name"]] = ["ok", [len(t) for t in texts], texts[0][-40:]]
+    except (ValueError, FileNotFoundError) as e:
+        out[case["name"]] = ["error", type(e).__name__ + ": " + str(e)]
+    except BaseException as e:
+        out[case["name"]] = ["crash", type(e).__name__ + ": " + str(e)[:300]]
+    print(json.dumps(out), flush=True)
+"""
+
+
+def sample_in_child(cases, cwd):
+    """{name: result} of sample.sample(SampleConfig(**cfg)) per case, in a child process: a FIFO that
+    blocks or a prompt that asks for tens of GB fails the test (60 s, 4 GiB) instead of the machine."""
+    try:
+        p = subprocess.run([sys.executable, "-c", SAMPLE_CHILD, json.dumps(cases)], cwd=cwd, capture_output=True,
+                           text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"sample blocked for 60 s; finished: {e.stdout}")
+    lines = p.stdout.strip().splitlines()
+    assert p.returncode == 0 and lines, p.stderr[-2000:]
+    return json.loads(lines[-1])
+
+
+def test_prompt_files_that_are_not_utf8_text_are_one_line_before_the_model_loads(tmp_path, tiny_ckpt):
+    paths, sock = special_files(tmp_path)
+    (tmp_path / "bin.txt").write_bytes(b"\x7fELF\x00\x00\x01\x02" * 10)
+    (tmp_path / "latin1.txt").write_bytes("café crème, naïve\n".encode("latin-1"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "loop.txt").symlink_to(tmp_path / "loop.txt")
+    (tmp_path / "good.txt").write_text("déjà vu ☕\n", encoding="utf-8")
+    expect = {"bin.txt": "looks binary", "latin1.txt": "is not UTF-8 text (byte 0xe9 at offset 3",
+              "folder": "is a folder", "loop.txt": "Too many levels of symbolic links",
+              "missing.txt": "No such file", "pipe.txt": "FIFO", "sock.txt": "socket", "zero.txt": "character device",
+              "broken.txt": "broken symbolic link"}
+    cases = [{"name": n, "cfg": {"out_dir": "/nonexistent-until-the-prompt-is-read", "start": f"FILE:{tmp_path / n}",
+                                 "device": "cpu"}} for n in expect]
+    cases.append({"name": "good", "cfg": {"out_dir": str(tiny_ckpt), "start": f"FILE:{tmp_path / 'good.txt'}",
+                                          "device": "cpu", "num_samples": 1, "max_new_tokens": 2}})
+    got = sample_in_child(cases, tmp_path)
+    sock.close()
+    for name, says in expect.items():
+        status, msg = got[name][:2]
+        assert status == "error" and msg.startswith("DataError: ") and "\n" not in msg, (name, got[name])
+        assert says in msg and str(tmp_path / name) in msg, (name, msg)
+    assert got["good"][0] == "ok" and "déjà vu ☕\n" in got["good"][2], got["good"]
+
+
+def test_a_huge_prompt_is_cropped_to_the_context_before_it_is_repeated(tmp_path, tiny_ckpt):
+    """10 MB of prompt x 1024 samples was an 80 GB tensor before the model cropped it to block_size."""
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("ab" * 5_000_000 + "the end")
+    got = sample_in_child([{"name": "long", "cfg": {"out_dir": str(tiny_ckpt), "start": f"FILE:{prompt}",
+                                                    "num_samples": 1024, "max_new_tokens": 3, "temperature": 0,
+                                                    "device": "cpu"}}], tmp_path)["long"]
+    assert got[0] == "ok" and got[1] == [16 + 3] * 1024, got         # block_size prompt tokens + 3 new
+    from minimoe import sample
+    short = sample.sample(sample.SampleConfig(out_dir=str(tiny_ckpt), start=("ab" * 8 + "the end")[-16:],
+                                              num_samples=1, max_new_tokens=3, temperature=0, device="cpu"))
+    assert got[2] == short[0][-40:]                                  # the same continuation as the cropped prompt
+
+
+def test_encode_tail_is_the_tail_of_the_whole_encoding():
+    from minimoe.sample import encode_tail
+    words = lambda s: s.split(" ")                                    # a token may span many characters
+    text = " ".join(f"w{i}" * (1 + i % 7) for i in range(5000))
+    for n in (1, 16, 300):
+        tokens, cropped = encode_tail(words, text, n)
+        assert tokens == words(text)[-n:] and cropped
+    assert encode_tail(words, "a b c", 16) == (["a", "b", "c"], False)
+
+
+def test_a_prompt_the_tokenizer_cannot_take_is_refused_at_parse_time(tmp_path):
+    with pytest.raises(DataError, match=r"--start is not UTF-8 text: character 3 is the byte 0xe9 \(Latin-1\?\)"):
+        SampleConfig(start="caf\udce9")                               # how Python receives a Latin-1 argv byte
+    p = subprocess.run([sys.executable, "-m", "minimoe.sample", b"--start=caf\xe9", "--out_dir=/nonexistent"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "LC_ALL": "C.UTF-8"})
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "--start is not UTF-8 text" in lines[0], p.stderr
+
+
+@pytest.mark.parametrize("device, says", [("foo", "--device='foo' is not a device"), ("cuda:x", "not a device"),
+                                          ("cuda", "CUDA is not available")])
+def test_an_unknown_or_absent_device_is_one_line_before_the_model_loads(device, says, monkeypatch, tiny_ckpt):
+    from minimoe import sample
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sample, "load_model", lambda *a: pytest.fail("loaded the model first"))
+    with pytest.raises(ValueError, match=re.escape(says)):
+        sample.sample(SampleConfig(out_dir=str(tiny_ckpt), device=device))
+
+
+def test_sample_paths_special_files_and_tilde(tmp_path, monkeypatch, tiny_ckpt):
+    from minimoe import sample
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "ckpt.pt")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for out, says in ((tmp_path / "fifo", "ckpt.pt is a FIFO"), (tmp_path / "loop", "Too many levels"),
+                      (tmp_path / "fifo" / "ckpt.pt", "is a FIFO")):
+        with pytest.raises(DataError, match=re.escape(says)):
+            sample.sample(SampleConfig(out_dir=str(out), device="cpu", num_samples=1, max_new_tokens=1))
+    monkeypatch.setenv("HOME", str(tiny_ckpt.parent))
+    (tmp_path / "p.txt").write_text("hi")
+    monkeypatch.chdir(tmp_path)
+    texts = sample.sample(SampleConfig(out_dir=f"~/{tiny_ckpt.name}", start="FILE:p.txt", device="cpu",
+                                       num_samples=1, max_new_tokens=1))
+    assert texts[0].startswith("hi")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    texts = sample.sample(SampleConfig(out_dir=str(tiny_ckpt), start="FILE:~/p.txt", device="cpu",
+                                       num_samples=1, max_new_tokens=1))
+    assert texts[0].startswith("hi")
+
+
+def test_ctrl_c_while_sampling_is_one_line():
+    code = ("import os, runpy, signal, sys; import minimoe.checkpoint as t; "
+            "t.load_model = lambda *a: os.kill(os.getpid(), signal.SIGINT); "      # Ctrl-C while it loads
+            "sys.argv = ['sample', '--device=cpu', '--out_dir=/nonexistent']; "
+            "runpy.run_module('minimoe.sample', run_name='__main__')")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 130 and len(lines) == 1 and lines[0].startswith("interrupted (SIGINT)"), p.stderr

@@ -375,10 +375,27 @@ def test_train_or_load_trains_once_then_reuses_the_run(tmp_path, monkeypatch):
     other = train_or_load(mc, replace(tc, max_iters=2), name="tiny")
     assert not other["cached"] and other["out_dir"] != first["out_dir"]
     assert train_or_load(mc, replace(tc, out_dir="elsewhere", progress=True), name="tiny")["cached"]
-    # a folder without result.json is an unfinished attempt: trained again, from scratch (same result on CPU)
+    # a folder without result.json is an unfinished attempt: continued from its checkpoint (same result on CPU)
     (first["out_dir"] / "result.json").unlink()
     again = train_or_load(mc, tc, name="tiny")
     assert not again["cached"] and again["result"]["val_loss"] == first["result"]["val_loss"]
+
+
+def test_train_or_load_respects_the_lock_of_a_run_in_progress(tmp_path, monkeypatch):
+    # issue 21: an unfinished run folder whose lock another process holds is never deleted under it
+    from minimoe.outdir import OutDirLock
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    mc = GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=16, ffn="moe", n_experts=4,
+                   top_k=2, d_ffn=16)
+    tc = TrainConfig(max_iters=2, eval_interval=2, eval_iters=1, batch_size=2, threads=1, sample_tokens=0,
+                     progress=False)
+    folder = train_or_load(mc, tc, name="tiny")["out_dir"]
+    (folder / "result.json").unlink()                             # unfinished, as far as the cache can tell
+    kept = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
+    with OutDirLock(folder):                                      # another process is on it
+        with pytest.raises(ValueError, match=r"is in use by another run \(pid \d+\)"):
+            train_or_load(mc, tc, name="tiny")
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"} == kept
 
 
 # --------------------------------------------------------------------------- information between labels

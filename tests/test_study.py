@@ -17,7 +17,7 @@ import torch
 import test_train_small
 from test_train_small import cache, data  # noqa: F401 (fixtures)
 import train_small
-from minimoe import study
+from minimoe import presets, stats, study
 from minimoe.variants import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ def test_runs_reused_by_a_tuning_study_carry_its_tuned_values(tmp_path, data, ca
     args = ["laptop", *TINY, f"--data={data}", f"--out_dir={out}"]
     assert study.main(args) == 0 and len(calls) == 4
     calls.clear()                  # the grid's only point is the default lr: seeds 1, 2 are the same runs
-    lr = study.laptop_train().learning_rate
+    lr = presets.laptop_train().learning_rate
     assert study.main([*args, f"--tune=learning_rate={lr}", "--tune_seed=7"]) == 0
     assert sorted((c[0].split("-")[0], c[2]) for c in calls) == [("dense", 7), ("moe", 7)]   # only tuning
     js = json.loads((out / "study.json").read_text())
@@ -152,30 +152,30 @@ def test_runs_reused_by_a_tuning_study_carry_its_tuned_values(tmp_path, data, ca
                                    (9, 2.2621572), (11, 2.2009852), (15, 2.1314495), (20, 2.0859634),
                                    (30, 2.0422725), (60, 2.0002978), (120, 1.9799304), (10**6, 1.9599659)])
 def test_t_quantiles_match_published_values(df, t):
-    assert study.t_quantile_975(df) == pytest.approx(t, abs=2e-5)
+    assert stats.t_quantile_975(df) == pytest.approx(t, abs=2e-5)
 
 
 def test_t_formula_agrees_with_the_table_where_both_exist(monkeypatch):
     # the expansion used beyond the table, evaluated inside it: 1e-5 at df 10, worse for smaller df
-    table = dict(study.T975)
+    table = dict(stats.T975)
     for df, tol in ((6, 2e-4), (8, 5e-5), (10, 1e-5)):
-        monkeypatch.setattr(study, "T975", {k: v for k, v in table.items() if k != df})
-        assert study.t_quantile_975(df) == pytest.approx(table[df], abs=tol)
-        assert abs(study.t_quantile_975(df) - table[df]) > tol / 20       # really the formula, not the table
+        monkeypatch.setattr(stats, "T975", {k: v for k, v in table.items() if k != df})
+        assert stats.t_quantile_975(df) == pytest.approx(table[df], abs=tol)
+        assert abs(stats.t_quantile_975(df) - table[df]) > tol / 20       # really the formula, not the table
 
 
 def test_mean_ci_and_paired_difference_by_hand():
-    m, ci = study.mean_ci([1.0, 2.0, 3.0])                   # s = 1, n = 3: t_{.975,2} / sqrt 3
+    m, ci = stats.mean_ci([1.0, 2.0, 3.0])                   # s = 1, n = 3: t_{.975,2} / sqrt 3
     assert m == 2.0 and ci == pytest.approx(4.3026527 / math.sqrt(3))
-    assert study.mean_ci([5.0]) == (5.0, None)
+    assert stats.mean_ci([5.0]) == (5.0, None)
     a = {1: 1.40, 2: 1.38, 3: 1.39, 4: 9.0}
     b = {1: 1.31, 2: 1.30, 3: 1.32}
-    m, ci, n = study.paired_difference(a, b)                  # seed 4 has no pair: left out
+    m, ci, n = stats.paired_difference(a, b)                  # seed 4 has no pair: left out
     diffs = [0.09, 0.08, 0.07]
     assert n == 3 and m == pytest.approx(0.08)
     assert ci == pytest.approx(4.3026527 * statistics.stdev(diffs) / math.sqrt(3))
-    assert study.paired_difference({1: 1.0}, {2: 1.0}) == (None, None, 0)
-    assert study.fmt_ci(0.08, 0.0248, sign=True) == "+0.0800 ± 0.0248" and study.fmt_ci(None, None) == "-"
+    assert stats.paired_difference({1: 1.0}, {2: 1.0}) == (None, None, 0)
+    assert stats.fmt_ci(0.08, 0.0248, sign=True) == "+0.0800 ± 0.0248" and stats.fmt_ci(None, None) == "-"
 
 
 def test_studies_take_their_variants_from_the_table():

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from minimoe import hardware, plots, sample
+from minimoe import files, hardware, plots, sample
 from minimoe.data import Corpus, encode_bytes
 from minimoe.model import GPTConfig
-from minimoe.train import (TrainConfig, TrainingDiverged, configure_optimizer, estimate_loss, get_lr,
-                           grad_accum_steps, help_text, load_model, parse_overrides, train)
+from minimoe.checkpoint import load_model
+from minimoe.cli import help_text, parse_overrides
+from minimoe.runtime import grad_accum_steps
+from minimoe.train import TrainConfig, TrainingDiverged, configure_optimizer, estimate_loss, get_lr, train
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +52,7 @@ def fast(out_dir, **kw):
 
 
 def read_log(out_dir):
-    return plots.read_log(out_dir)
+    return files.read_log(out_dir)
 
 
 # --------------------------------------------------------------------------- command line

@@ -3,6 +3,7 @@ and the bad inputs of the data path. CPU only, no network (the shards are writte
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ import torch
 
 import train_gpt
 from minimoe import presets
-from minimoe.data import DataError, write_shard
+from minimoe.data import DataError
+from minimoe.shards import write_shard
 from minimoe.model import GPTConfig
 from minimoe.presets import PRESETS, count, get_preset
 
@@ -115,7 +117,8 @@ def test_presets_main_prints_both_tables(capsys):
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_preset_training_defaults_are_valid(name):
-    from minimoe.train import TrainConfig, grad_accum_steps
+    from minimoe.runtime import grad_accum_steps
+    from minimoe.train import TrainConfig
     p = get_preset(name)
     cfg = TrainConfig(**p.train_defaults())            # validates every field
     block = p.model_config().block_size
@@ -251,3 +254,20 @@ def test_gpt2_preset_on_bpe_shards(tmp_path):
     with pytest.raises(ValueError, match="vocab_size=256 is invalid.*--vocab_size=50257"):
         train_gpt.main(["--preset=tiny-aoe", f"--data={data}", *FAST, "--max_iters=1",
                         f"--out_dir={tmp_path / 'o2'}"])
+
+
+def test_the_continue_command_is_shell_quoted(tmp_path, monkeypatch, capsys):
+    """Pasting the printed command resumes exactly this run: an out_dir with spaces and `;` stays one
+    argument instead of running `rm` (or another grid into another folder)."""
+    import shlex
+    out = tmp_path / "runs; touch PWNED" / "a b $(id)"
+    argv = ["--preset=tiny-aoe", f"--out_dir={out}", "--init-from=scratch", "--data=stdlib", "--max_iters=5"]
+    fake = dict(interrupted="SIGINT", iters=1, tokens=10, tokens_per_sec=1.0, mfu=None)
+    monkeypatch.setattr(train_gpt, "train", lambda model_config, cfg: fake)
+    train_gpt.main(argv)
+    line = next(l for l in capsys.readouterr().out.splitlines() if "continue with:" in l)
+    words = shlex.split(line.split("continue with:", 1)[1])
+    assert words == ["python", "train_gpt.py", "--preset=tiny-aoe", f"--out_dir={out}", "--data=stdlib",
+                     "--max_iters=5", "--init_from=resume"], line
+    with pytest.raises(ValueError, match=re.escape("prepare fineweb '--out_dir=no where; x'")):
+        train_gpt.main(["--preset=tiny-aoe", "--data=no where; x"])      # the prepare command it prints, too
