@@ -36,12 +36,12 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
+from .config import PARALLEL_MODES
+
 try:                                         # torch >= 2.5; absent from builds without distributed
     from torch.distributed.tensor import DTensor
 except ImportError:                          # pragma: no cover (this torch has it)
     DTensor = ()
-
-PARALLEL_MODES = ("ddp", "fsdp")
 
 
 # --------------------------------------------------------------------------- can FSDP run here?

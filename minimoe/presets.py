@@ -122,9 +122,11 @@ TINY_TRAIN = dict(batch_size=8, max_iters=50, learning_rate=3e-3, min_lr=3e-4, w
 EXPERTS = dict(n_experts=8, top_k=2)
 
 # The paper's large model (Table 5): 24 x 1280, 20 heads (head size 64), d_ffn 5120; its recipe is
-# PAPER_TRAIN's with a peak lr of 3.2e-4.
+# PAPER_TRAIN's with a peak lr of 3.2e-4. 65 GB of weights, gradients and AdamW state: FSDP (minimoe/
+# fsdp.py) shards them, and activation checkpointing keeps a 16 x 1024 micro-batch's activations
+# small (~2 GB instead of ~30 GB by runtime.estimate_memory); not measured on a GPU yet.
 PAPER_LARGE = dict(GPT2, n_layer=24, n_head=20, n_embd=1280, d_ffn=5120, **EXPERTS)
-PAPER_LARGE_TRAIN = dict(PAPER_TRAIN, learning_rate=3.2e-4)
+PAPER_LARGE_TRAIN = dict(PAPER_TRAIN, learning_rate=3.2e-4, parallel="fsdp", activation_checkpointing=True)
 
 PRESETS = {p.name: p for p in [
     Preset("gpt2-dense", "GPT-2 small class dense SwiGLU (~124M)",

@@ -1,8 +1,8 @@
 """FSDP2 on CPU (minimoe/fsdp.py): 2 gloo ranks under torchrun against one process.
 
-One torchrun launch (this file run as a script, `worker()`) does every multi-rank part and writes
-its results and checkpoints to a folder; the tests compare them with one-process runs of the same
-tiny AoE model (with the aux-loss-free balancing bias: a buffer FSDP does not shard). Batches are
+Part 1, the mechanism: one torchrun launch (this file run as a script, `worker()`) does every
+multi-rank part and writes its results and checkpoints to a folder; the tests compare them with
+one-process runs of the same tiny AoE model (with the aux-loss-free balancing bias: a buffer FSDP does not shard). Batches are
 a pure function of their index: micro-step m of step s on rank r reads batch (s*A + m)*W + r, so
 2 ranks x 2 micro-steps see the same tokens per optimizer step as 1 process x 4 micro-steps.
 
@@ -11,12 +11,17 @@ its micro-steps' gradients in another order, so the float sums differ in the las
 AdamW steps that stays below rel 1e-4 on the loss and rtol 1e-4 / atol 1e-5 on the weights (the
 tolerances of test_ddp.py). Activation checkpointing recomputes the same ops on the same inputs:
 identical results are asserted to 1e-6.
+
+Part 2, train_gpt.py: the paper-large-aoe preset (FSDP and activation checkpointing by default) at
+tiny widths trains on 2 gloo ranks, stops and resumes under FSDP, DDP and one process in turn, and
+ends where one uninterrupted process ends (test_ddp.py's tolerances).
 """
 
 from contextlib import nullcontext
 import json
 import os
 from pathlib import Path
+import re
 import subprocess
 import sys
 
@@ -25,11 +30,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from minimoe import fsdp
+from minimoe import fsdp, runtime
 from minimoe.balance import update_biases
 from minimoe.model import GPT, GPTConfig
 from minimoe.presets import get_preset
 from minimoe.train import TrainConfig, configure_optimizer
+import train_gpt
+from test_ddp import torchrun
+from test_train_gpt import FAST, assert_close_or_none, cache, make_shards, read_log  # noqa: F401  (cache: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = dict(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=64, d_ffn=128, ffn="aoe",
@@ -303,6 +311,90 @@ def test_paper_large_presets():
     sizes = [count(p.model_config()) for p in (moe, aoe)]
     assert all(abs(s["total"] - 4.0e9) / 4.0e9 < 0.01 for s in sizes)     # 4B (GPT-2 vocabulary, tied)
     assert abs(sizes[0]["total"] - sizes[1]["total"]) / sizes[0]["total"] < 0.001
+
+
+def test_parallel_option_and_where_fsdp_cannot_run(monkeypatch):
+    with pytest.raises(ValueError, match=r"^TrainConfig.parallel='zero3' is invalid: allowed values are 'ddp', 'fsdp'$"):
+        TrainConfig(parallel="zero3")
+    # under torchrun, setup() checks FSDP before it joins the process group: one line, no hang
+    monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("LOCAL_RANK", "0")
+    import torch.distributed.fsdp as fsdp_module
+    monkeypatch.delattr(fsdp_module, "fully_shard")
+    with pytest.raises(ValueError, match=r"has no torch.distributed.fsdp.fully_shard .* use --parallel=ddp$"):
+        runtime.setup(TrainConfig(parallel="fsdp", device="cpu"))
+    assert not dist.is_initialized()
+
+
+def test_memory_estimate_with_sharding_and_activation_checkpointing():
+    cfg = get_preset("paper-large-aoe").model_config()
+    plain = runtime.estimate_memory(cfg, TrainConfig(batch_size=16), torch.bfloat16, n_params=4_000_000_000)
+    ac = runtime.estimate_memory(cfg, TrainConfig(batch_size=16, activation_checkpointing=True), torch.bfloat16,
+                                 n_params=4_000_000_000, state_bytes=10**10)
+    assert plain["weights and optimizer"] == 64e9 and ac["weights and optimizer"] == 1e10
+    per_token = 16 * 1024 * 2                                        # bf16 values of one micro-batch
+    assert ac["activations"] < plain["activations"] / 10
+    assert ac["activations"] > 24 * 1280 * per_token                 # every Block's input is kept
+    assert ac["logits"] == plain["logits"]
+
+
+def test_share_gives_every_fsdp_rank_as_many_forwards():
+    """9 items in chunks of 4 on 2 ranks: DDP splits 2 + 1; FSDP pads rank 1 with an uncounted chunk 0."""
+    def parts(fsdp_on):
+        return [list(runtime.Runtime(torch.device("cpu"), torch.float32, rank=r, world_size=2, ddp=True,
+                                     fsdp=fsdp_on).share(9, 4)) for r in (0, 1)]
+    assert parts(False) == [[(0, True), (8, True)], [(4, True)]]
+    assert parts(True) == [[(0, True), (8, True)], [(4, True), (0, False)]]
+    assert list(runtime.Runtime(torch.device("cpu"), torch.float32).share(3)) == [(0, True), (1, True), (2, True)]
+
+
+# --------------------------------------------------------------------------- train_gpt.py
+
+def test_large_preset_under_fsdp_resumes_across_fsdp_ddp_and_one_process(tmp_path):
+    data = make_shards(tmp_path / "shards")
+    # paper-large-aoe at tiny widths; its parallel=fsdp and activation_checkpointing=true stay on.
+    # 512 tokens per step = 4 x 32 x 2 ranks x 2 micro-steps = 4 x 32 x 1 process x 4 micro-steps
+    common = ["--preset=paper-large-aoe", f"--data={data}", *FAST, "--n_layer=2", "--n_head=2", "--d_low=8",
+              "--vocab_size=256", "--compile=false", "--total_batch_tokens=512", "--learning_rate=3e-3",
+              "--min_lr=3e-4", "--warmup_iters=1", "--lr_decay_iters=6", "--eval_iters=3",   # 3: uneven over 2 ranks
+              "--bias_update_rate=0.01", "--peak_flops=1e12", "--final_eval_tokens=640"]   # 20 windows
+
+    def step(out, iters, how, resume=True):
+        args = [*common, f"--max_iters={iters}", f"--out_dir={out}"] + ["--init_from=resume"] * resume
+        if how == "one":
+            return train_gpt.main(args)
+        r = torchrun([*args, f"--parallel={how}"] + ["--sample_tokens=8"] * (iters == 6))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout + r.stderr
+
+    first = step(tmp_path / "a", 2, "fsdp", resume=False)          # chain a: FSDP -> DDP -> FSDP
+    assert "512 tokens/step = 4 x 32 x 2 rank(s) x 2 micro-step(s)" in first
+    step(tmp_path / "a", 4, "ddp")
+    last = step(tmp_path / "a", 6, "fsdp")
+    step(tmp_path / "b", 2, "one", resume=False)                    # chain b: one process -> FSDP -> one process
+    step(tmp_path / "b", 4, "fsdp")
+    step(tmp_path / "b", 6, "one")
+    single = step(tmp_path / "one", 6, "one", resume=False)         # uninterrupted, one process
+    assert single["model"].blocks[0].forward.__func__ is fsdp._checkpointed_forward   # the preset's AC is on
+
+    ref = read_log(tmp_path / "one")
+    for chain in ("a", "b"):
+        log = read_log(tmp_path / chain)
+        assert [row["iter"] for row in log] == [row["iter"] for row in ref] == [0, 2, 4, 6]
+        for a, b in zip(log, ref):
+            assert_close_or_none(a["train_loss"], b["train_loss"], rel=1e-4)
+            assert_close_or_none(a["val_loss"], b["val_loss"], rel=1e-4)
+        saved = torch.load(tmp_path / chain / "ckpt.pt", map_location="cpu", weights_only=False)
+        assert_same_weights(saved["model"], single["model"].state_dict())
+        assert_same_format(saved, {"model": single["model"].state_dict(), "optimizer": torch.load(
+            tmp_path / "one" / "ckpt.pt", weights_only=False)["optimizer"]})
+    assert ref[-1]["val_loss"] < ref[0]["val_loss"]                   # training happened
+    # the final evaluation's windows split unevenly over the ranks (FSDP pads): the same numbers
+    final = re.search(r"final val ([\d.]+) ± ([\d.]+) nats \(standard error over ([\d,]+) windows", last)
+    assert float(final[1]) == pytest.approx(single["final_val_loss"], abs=2e-4)
+    assert int(final[3].replace(",", "")) == single["final_val_windows"]
+    assert -(-single["final_val_windows"] // 4) % 2 == 1              # an odd number of batches of 4: uneven
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["resolved"]["world_size"] == 2
+    assert len((tmp_path / "a" / "sample.txt").read_text()) > 0       # every FSDP rank ran the sample's forwards
 
 
 if __name__ == "__main__":
