@@ -1,13 +1,17 @@
-"""Pretrain a dense / router-MoE / AoE GPT at GPT-2 scale and beyond, on one GPU or many (DDP).
+"""Pretrain a dense / router-MoE / AoE GPT at GPT-2 scale and beyond, on one GPU or many (DDP or FSDP).
 
     python train_gpt.py --preset=gpt2-aoe                                   # one process
     torchrun --standalone --nproc_per_node=8 train_gpt.py --preset=gpt2-aoe # one node, 8 GPUs
+    torchrun --standalone --nproc_per_node=8 train_gpt.py --preset=paper-large-aoe  # 4B: FSDP (its default)
     torchrun --standalone --nproc_per_node=2 train_gpt.py --preset=tiny-aoe --device=cpu   # no GPU: gloo
 
 This file is thin on purpose: it picks a preset (minimoe/presets.py: a GPTConfig plus training
 defaults), applies `--field=value` overrides for any GPTConfig or TrainConfig field on top, and
 hands both to minimoe.train.train, the same loop train_small.py uses. train() notices torchrun
-(RANK / WORLD_SIZE / LOCAL_RANK in the environment) and runs DDP: NCCL on CUDA, gloo on CPU.
+(RANK / WORLD_SIZE / LOCAL_RANK in the environment) and runs DDP: NCCL on CUDA, gloo on CPU;
+--parallel=fsdp shards weights, gradients and AdamW state instead (minimoe/fsdp.py; the paper-large
+presets' default), --activation_checkpointing=true recomputes each Block in backward. Checkpoints
+have one format: a run continues under any of one process, DDP and FSDP.
 
 out_dir holds one run: a second run into it fails at once (a lock), and a new run refuses an out_dir
 that holds ckpt.pt: --init_from=resume continues it, --overwrite=true starts over (minimoe/train.py).

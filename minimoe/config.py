@@ -11,6 +11,7 @@ import re
 from .validate import MAY_BE_EMPTY, check_fields, ranges
 
 VAL_SEED = 0                     # the val batches: the same for every model, seed and run
+PARALLEL_MODES = ("ddp", "fsdp")  # how several processes (torchrun) split the work: minimoe/fsdp.py
 
 
 # Allowed interval of every number (minimoe/validate.py walks the fields by type hint). Counts stop
@@ -54,6 +55,8 @@ class TrainConfig:
     device: str = "auto"                 # "auto" | "cpu" | "cuda" | "cuda:N" | "mps"
     dtype: str = "auto"                  # "auto" (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
     compile: bool = False                # torch.compile the model
+    parallel: str = "ddp"                # under torchrun: "ddp" (full copy per GPU) | "fsdp" (sharded, minimoe/fsdp.py)
+    activation_checkpointing: bool = False  # recompute each Block in backward: far less activation memory, ~1/3 more compute
     threads: int = 0                     # CPU threads for PyTorch; 0: leave PyTorch's setting
     seed: int = 1337                     # model init and training batches
     peak_flops: float | None = None      # accelerator peak FLOP/s for MFU; None: from hardware.py's table
@@ -72,6 +75,8 @@ class TrainConfig:
             bad("init_from", "allowed values are 'scratch' and 'resume'")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             bad("dtype", "allowed values are 'auto', 'float32', 'bfloat16', 'float16'")
+        if self.parallel not in PARALLEL_MODES:
+            bad("parallel", f"allowed values are {', '.join(map(repr, PARALLEL_MODES))}")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             bad("device", "allowed values are 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
         if self.min_lr > self.learning_rate:

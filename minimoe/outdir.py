@@ -167,8 +167,9 @@ def write_config(out_dir, model: GPT, cfg: TrainConfig, rt, corpus, accum: int, 
                     **corpus.meta}}, indent=2, default=str))
 
 
-def write_sample(model: GPT, corpus, cfg: TrainConfig, rt, path) -> str:
-    """Generate cfg.sample_tokens tokens after cfg.sample_start (seeded) and write them to `path`."""
+def write_sample(model: GPT, corpus, cfg: TrainConfig, rt, path) -> str | None:
+    """Generate cfg.sample_tokens tokens after cfg.sample_start (seeded) and write them to `path`.
+    path=None: generate only (an FSDP rank other than 0 runs every forward with rank 0); returns None."""
     start = torch.tensor(corpus.encode(cfg.sample_start or "\n"), dtype=torch.long, device=rt.device)[None]
     gen = torch.Generator(device=rt.device).manual_seed(cfg.seed)
     model.eval()
@@ -176,6 +177,8 @@ def write_sample(model: GPT, corpus, cfg: TrainConfig, rt, path) -> str:
         out = model.generate(start, cfg.sample_tokens, temperature=SAMPLE_TEMPERATURE,
                              sample_top_k=min(SAMPLE_TOP_K, model.config.vocab_size), generator=gen)
     model.train()
+    if path is None:
+        return None
     text = corpus.decode(out[0].cpu())
     Path(path).write_text(text)
     return text

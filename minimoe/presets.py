@@ -1,6 +1,7 @@
 """Named model + training presets for train_gpt.py, the laptop configs, and the table of their sizes.
 
-    python -m minimoe.presets            # markdown table: total / active parameters, FLOPs per token
+    python -m minimoe.presets            # markdown table: total / active parameters, FLOPs per token,
+                                         # and the memory per GPU under DDP and FSDP
     python train_gpt.py --preset=NAME [--field=value ...]
 
 A preset is a GPTConfig (the model) plus defaults for TrainConfig fields (the run). Command-line
@@ -24,6 +25,13 @@ The families (all but tiny-*: 12 layers x 768 wide, GPT-2 BPE vocabulary padded 
                    The paper used a 32k vocabulary; we keep GPT-2's 50304 so the presets train on our
                    FineWeb shards. `python -m minimoe.presets` also counts the paper's exact configs
                    (32k vocabulary) against its reported 732M total / 247M active.
+  paper-large-*    the paper's large model, the 4B of its headline Table 5 (AoE 49.80 vs MoE 48.06):
+                   24 layers x 1280, 20 heads, 8 experts, top-2, d_ffn 5120, AoE d_low 400, and the
+                   recipe of paper-small with lr 3.2e-4. Eq. 5 gives d_wide = 6469.2 here; the paper
+                   writes 6470, our automatic width rounds to a multiple of 8, 6472 (+0.03% parameters
+                   per expert), because torch._grouped_mm on CUDA needs 16-byte aligned strides (a
+                   multiple of 8 bf16 values). Their weights, gradients and AdamW state alone are 65 GB
+                   per GPU under DDP; they default to FSDP (minimoe/fsdp.py), ~10 GB per GPU at 8 GPUs.
   tiny-*           2 layers x 64 wide, byte vocabulary (256), the built-in stdlib corpus: seconds on a
                    CPU, for tests and for trying torchrun without a GPU.
 
@@ -43,6 +51,7 @@ import torch
 
 from .config import TrainConfig
 from .data import default_cache_dir
+from .fsdp import state_bytes_per_gpu
 from .model import GPT, GPTConfig
 
 
@@ -112,6 +121,13 @@ TINY_TRAIN = dict(batch_size=8, max_iters=50, learning_rate=3e-3, min_lr=3e-4, w
 
 EXPERTS = dict(n_experts=8, top_k=2)
 
+# The paper's large model (Table 5): 24 x 1280, 20 heads (head size 64), d_ffn 5120; its recipe is
+# PAPER_TRAIN's with a peak lr of 3.2e-4. 65 GB of weights, gradients and AdamW state: FSDP (minimoe/
+# fsdp.py) shards them, and activation checkpointing keeps a 16 x 1024 micro-batch's activations
+# small (~2 GB instead of ~30 GB by runtime.estimate_memory); not measured on a GPU yet.
+PAPER_LARGE = dict(GPT2, n_layer=24, n_head=20, n_embd=1280, d_ffn=5120, **EXPERTS)
+PAPER_LARGE_TRAIN = dict(PAPER_TRAIN, learning_rate=3.2e-4, parallel="fsdp", activation_checkpointing=True)
+
 PRESETS = {p.name: p for p in [
     Preset("gpt2-dense", "GPT-2 small class dense SwiGLU (~124M)",
            dict(GPT2, ffn="dense", d_ffn=2048), GPT2_TRAIN, fineweb="sample-10BT"),
@@ -123,6 +139,10 @@ PRESETS = {p.name: p for p in [
            dict(GPT2, ffn="moe", d_ffn=3072, **EXPERTS), PAPER_TRAIN, fineweb="sample-100BT"),
     Preset("paper-small-aoe", "the paper's small AoE (d_low 256, d_wide 3840)",
            dict(GPT2, ffn="aoe", d_ffn=3072, d_low=256, **EXPERTS), PAPER_TRAIN, fineweb="sample-100BT"),
+    Preset("paper-large-moe", "the paper's large router MoE (24x1280, 8 experts, top-2, d_ffn 5120; 4B)",
+           dict(PAPER_LARGE, ffn="moe"), PAPER_LARGE_TRAIN, fineweb="sample-100BT"),
+    Preset("paper-large-aoe", "the paper's large AoE (d_low 400, d_wide 6472 by Eq. 5; 4B)",
+           dict(PAPER_LARGE, ffn="aoe", d_low=400), PAPER_LARGE_TRAIN, fineweb="sample-100BT"),
     Preset("tiny-dense", "2x64 dense, byte vocabulary: a CPU demo in seconds",
            dict(TINY, ffn="dense"), TINY_TRAIN),
     Preset("tiny-moe", "2x64 router MoE, 4 experts, top-2",
@@ -155,19 +175,28 @@ def get_preset(name: str) -> Preset:
 
 # --------------------------------------------------------------------------- sizes
 
+MEMORY_GPUS = 8           # the memory column: per GPU on one node of 8
+
+
 def count(config: GPTConfig, seq_len: int | None = None) -> dict:
-    """Total / active parameters and training FLOPs per token, without allocating the model."""
+    """Total / active parameters, training FLOPs per token and the bytes of weights + gradients +
+    AdamW state per GPU at MEMORY_GPUS GPUs (DDP and FSDP), without allocating the model."""
     with torch.device("meta"):
         model = GPT(config)
     return {"total": model.num_params(), "active": model.num_active_params(),
             "flops_per_token": model.flops_per_token(seq_len), "d_wide": config.wide_dim
-            if config.ffn == "aoe" else None}
+            if config.ffn == "aoe" else None,
+            **{f"state_{p}": state_bytes_per_gpu(model, MEMORY_GPUS, p) for p in ("ddp", "fsdp")}}
 
 
 def _m(n):
     if n >= 1e9:
         return f"{n / 1e9:.2f}B"
     return f"{n / 1e6:.1f}M" if n >= 10e6 else f"{n / 1e6:.3f}M"
+
+
+def _gb(n):
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def size_line(config: GPTConfig) -> str:
@@ -180,15 +209,16 @@ def size_line(config: GPTConfig) -> str:
 
 def preset_table() -> str:
     rows = ["| preset | ffn | layers x width | experts (top-k) | expert width | total params | "
-            "active params | GFLOPs/token (train, T=block) | about |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            f"active params | GFLOPs/token (train, T=block) | state/GPU at {MEMORY_GPUS} GPUs: DDP / FSDP | about |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for p in PRESETS.values():
         cfg = p.model_config()
         c = count(cfg)
         experts = "-" if cfg.ffn == "dense" else f"{cfg.n_experts} ({cfg.top_k})"
         width = str(cfg.ffn_dim) if cfg.ffn != "aoe" else f"d_low {cfg.low_dim}, d_wide {cfg.wide_dim}"
         rows.append(f"| {p.name} | {cfg.ffn} | {cfg.n_layer} x {cfg.n_embd} | {experts} | {width} | "
-                    f"{_m(c['total'])} | {_m(c['active'])} | {c['flops_per_token'] / 1e9:.3g} | {p.about} |")
+                    f"{_m(c['total'])} | {_m(c['active'])} | {c['flops_per_token'] / 1e9:.3g} | "
+                    f"{_gb(c['state_ddp'])} / {_gb(c['state_fsdp'])} | {p.about} |")
     return "\n".join(rows)
 
 
@@ -213,7 +243,10 @@ def main(argv=None):
         return 2
     print("Presets (counted on the meta device; a tied embedding counts once; active = what one token "
           "touches: K experts, plus every expert's W_down for AoE; FLOPs = 6 x active matmul params + "
-          "attention 12 x L x C x T)\n")
+          "attention 12 x L x C x T; state/GPU = weights + gradients + AdamW state per GPU, before "
+          "activations: DDP 16 bytes/param (fp32 weight, gradient and two moments) on every GPU, FSDP "
+          "16/N bytes/param plus the bf16 weights of the root and two Blocks gathered at once and one "
+          "Block's gradients before their reduce-scatter, minimoe/fsdp.py)\n")
     print(preset_table())
     print("\nThe paper's configurations (32k vocabulary) against its reported sizes\n")
     print(paper_check())

@@ -1,7 +1,7 @@
 """Where and how a training process runs, and the guards around the loop.
 
-    setup(cfg) -> Runtime     device ("auto": CUDA, else MPS, else CPU), autocast dtype, DDP under
-                              torchrun (NCCL on CUDA, gloo on CPU), CPU threads
+    setup(cfg) -> Runtime     device ("auto": CUDA, else MPS, else CPU), autocast dtype, DDP or FSDP
+                              (--parallel) under torchrun (NCCL on CUDA, gloo on CPU), CPU threads
     grad_accum_steps(...)     micro-steps per optimizer step for cfg.total_batch_tokens on this many ranks
     preflight(...)            before step 0: memory for one micro-batch (every rank), the out_dir
                               claimed (rank 0, outdir.claim_out_dir); all ranks fail together
@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .config import TrainConfig
+from .fsdp import check_fsdp, state_bytes_per_gpu
 from .hardware import format_bytes, keep_freed_memory
 from .model import GPT, GPTConfig
 from .outdir import claim_out_dir
@@ -37,8 +38,9 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    ddp: bool = False
+    ddp: bool = False              # several processes (torchrun): DDP, or FSDP when `fsdp` is set too
     flag_group: object = None      # DDP: a gloo group for the CPU flags ranks agree on (stop, NaN)
+    fsdp: bool = False             # --parallel=fsdp with several processes: the model is sharded (fsdp.py)
 
     @property
     def master(self) -> bool:
@@ -48,6 +50,16 @@ class Runtime:
         if self.dtype == torch.float32:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def share(self, n: int, per: int = 1):
+        """This rank's part of n evaluation items taken `per` at a time: chunk c = items c*per.. goes to
+        rank c % world_size. Yields (first item, counted). Under FSDP every forward all-gathers weights
+        with the other ranks, so all ranks must run as many as the busiest: a rank short of a chunk runs
+        chunk 0 again, with counted=False (its result is dropped)."""
+        chunks = -(-n // per)
+        end = -(-chunks // self.world_size) * self.world_size if self.fsdp else chunks
+        for c in range(self.rank, end, self.world_size):
+            yield (c * per, True) if c < chunks else (0, False)
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when `flag` is True on any rank (a small CPU all-reduce under DDP),
@@ -85,14 +97,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def setup(cfg: TrainConfig) -> Runtime:
-    """Device, dtype and DDP. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; then each process
-    joins the process group (NCCL on CUDA, gloo on CPU) and drives one device."""
+    """Device, dtype and DDP/FSDP. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; then each process
+    joins the process group (NCCL on CUDA, gloo on CPU) and drives one device. --parallel=fsdp is
+    checked here (a torch or device FSDP cannot run on fails in one line, before any collective);
+    with one process there is nothing to shard and it trains as usual."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, local_rank, world_size, flag_group = 0, 0, 1, None
     if ddp:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = resolve_device(cfg.device, local_rank if ddp else None)
+    dtype = resolve_dtype(cfg.dtype, device)
+    fsdp = ddp and world_size > 1 and cfg.parallel == "fsdp"
+    if fsdp:
+        check_fsdp(device, dtype)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True        # fp32 matmuls on tensor cores
@@ -105,7 +123,7 @@ def setup(cfg: TrainConfig) -> Runtime:
         torch.set_num_threads(cfg.threads)
     if device.type == "cpu":
         keep_freed_memory()                                  # no page-fault tax per step (hardware.py)
-    return Runtime(device, resolve_dtype(cfg.dtype, device), rank, local_rank, world_size, ddp, flag_group)
+    return Runtime(device, dtype, rank, local_rank, world_size, ddp, flag_group, fsdp)
 
 
 def grad_accum_steps(cfg: TrainConfig, block_size: int, world_size: int) -> int:
@@ -122,27 +140,32 @@ def grad_accum_steps(cfg: TrainConfig, block_size: int, world_size: int) -> int:
     return cfg.total_batch_tokens // per_micro
 
 
-def estimate_memory(model_config: GPTConfig, cfg: TrainConfig, dtype: torch.dtype, n_params: int) -> dict:
-    """A lower bound on the bytes one training process needs, by part: fp32 weights, gradients
-    and AdamW's two moments (16 bytes per parameter); the activations backward keeps for one
-    micro-batch of batch_size x block_size tokens (per layer: attention's input, q, k, v, output
-    and projection input, and each FFN the token visits: its input and three hidden vectors); and
-    the logits (the head's output, its fp32 copy in the cross-entropy, the log-softmax saved for
-    backward). Real use is higher (temporaries, the allocator), so a batch above it cannot fit."""
+def estimate_memory(model_config: GPTConfig, cfg: TrainConfig, dtype: torch.dtype, n_params: int,
+                    state_bytes: int | None = None) -> dict:
+    """A lower bound on the bytes one training process needs, by part: fp32 weights, gradients and
+    AdamW's two moments (16 bytes per parameter; or `state_bytes`, fsdp.state_bytes_per_gpu's figure
+    when FSDP shards them); the activations backward keeps for one micro-batch of batch_size x
+    block_size tokens (per layer: attention's input, q, k, v, output and projection input, and each
+    FFN the token visits: its input and three hidden vectors; with activation checkpointing only each
+    Block's input, plus one Block's worth while it is recomputed); and the logits (the head's output,
+    its fp32 copy in the cross-entropy, the log-softmax saved for backward). Real use is higher
+    (temporaries, the allocator), so a batch above it cannot fit."""
     c = model_config
     tokens = cfg.batch_size * c.block_size
     act = 4 if dtype == torch.float32 else 2          # bytes per activation (autocast: half precision)
-    per_token = 0
+    layers = []
     for layer in range(c.n_layer):
-        per_token += 6 * c.n_embd
+        per_token = 6 * c.n_embd
         if not c.is_expert_layer(layer):
             per_token += c.n_embd + 3 * c.ffn_dim
         elif c.ffn == "moe":
             per_token += c.n_experts + c.top_k * (c.n_embd + 3 * c.ffn_dim)            # router logits + K experts
         else:
             per_token += c.n_experts * c.low_dim + c.top_k * (c.n_embd + 3 * c.wide_dim)  # all x W_down + K experts
-    return {"weights and optimizer": 16 * n_params, "activations": tokens * per_token * act,
-            "logits": tokens * c.vocab_size * (act + 8)}
+        layers.append(per_token)
+    per_token = c.n_layer * c.n_embd + max(layers) if cfg.activation_checkpointing else sum(layers)
+    return {"weights and optimizer": 16 * n_params if state_bytes is None else state_bytes,
+            "activations": tokens * per_token * act, "logits": tokens * c.vocab_size * (act + 8)}
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -160,9 +183,11 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(model_config: GPTConfig, cfg: TrainConfig, rt: Runtime, n_params: int) -> None:
-    """Refuse, before step 0, a batch that clearly cannot fit (> 90% of the available memory)."""
-    parts = estimate_memory(model_config, cfg, rt.dtype, n_params)
+def check_memory(model_config: GPTConfig, cfg: TrainConfig, rt: Runtime, model: GPT) -> None:
+    """Refuse, before step 0, a batch that clearly cannot fit (> 90% of the available memory).
+    `model`: the GPT on the meta device (only its sizes are read)."""
+    parts = estimate_memory(model_config, cfg, rt.dtype, model.num_params(),
+                            state_bytes_per_gpu(model, rt.world_size, "fsdp" if rt.fsdp else "ddp"))
     need, sharing = sum(parts.values()), 1
     if rt.ddp and rt.device.type == "cpu":          # the ranks on this machine share its memory
         sharing = int(os.environ.get("LOCAL_WORLD_SIZE", rt.world_size))
@@ -186,11 +211,12 @@ def preflight(model_config: GPTConfig, cfg: TrainConfig, rt: Runtime):
     micro-batch. Rank 0: the out_dir (claim_out_dir: writable, unlocked, no checkpoint to lose,
     room on disk) and wandb. Under DDP the ranks agree on the outcome, so all fail together."""
     with torch.device("meta"):                           # count parameters without allocating
-        n_params = GPT(model_config).num_params()
+        model = GPT(model_config)
+    n_params = model.num_params()
     with ExitStack() as held:
         error = None
         try:
-            check_memory(model_config, cfg, rt, n_params)
+            check_memory(model_config, cfg, rt, model)
             if rt.master:
                 held.enter_context(claim_out_dir(Path(cfg.out_dir), cfg, checkpoint_bytes=12 * n_params + 2**20))
                 if cfg.wandb and importlib.util.find_spec("wandb") is None:

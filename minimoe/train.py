@@ -11,13 +11,14 @@ The file reads top to bottom:
     2. evaluation               estimate_loss on fixed val batches, with routing statistics (Eq. 7, 8);
                                 final_val_loss over the whole val split at the end (mean and its error)
     3. the loop                 train(): the `while`; train_step (accumulation, DDP no_sync, the expert
-                                bias update), evaluate, save
+                                bias update), evaluate, save (FSDP: gathered to rank 0 first)
     4. what the loop runs on    Run (model, optimizer, samplers, log), build_run (a resume restores them
                                 all), the files at the start, the result
 What it calls lives next door, and none of it imports this file:
     config.py       TrainConfig: every knob of a run, with nanoGPT's names
     cli.py          `--field=value` for the fields of any dataclass (GPTConfig too)
-    runtime.py      device, dtype, DDP (torchrun), CPU threads, batch geometry; pre-flight checks; signals
+    runtime.py      device, dtype, DDP or FSDP (torchrun), CPU threads, batch geometry; pre-flight checks; signals
+    fsdp.py         FSDP2 sharding, activation checkpointing, checkpoints in one format for every mode
     progress.py     LoopState (all resumable loop state: steps, loss sums, best val, tokens) and its Clock
     checkpoint.py   atomic save, checked load (CheckpointError), the checks that make a resume safe
     outdir.py       the out_dir lock and overwrite policy; log.jsonl (RunLog), config.json, sample.txt
@@ -52,6 +53,7 @@ from .config import VAL_SEED, TrainConfig
 from .data import BatchSampler, Corpus, bpb_factor, load_corpus
 from .dispatch import routing_summary
 from .files import atomic_write
+from .fsdp import checkpoint_blocks, full_state_dicts, load_full_state_dicts, local, shard
 from .hardware import mfu, peak_flops
 from .model import GPT, GPTConfig
 from .outdir import FINAL_VAL_FILE, RunLog, write_config, write_sample
@@ -103,17 +105,20 @@ def estimate_loss(model: GPT, sampler: BatchSampler, eval_iters: int, rt: Runtim
     """Mean val cross-entropy over batches 0 .. eval_iters-1 of `sampler` (fixed: every model and
     run sees the same ones), and the routing statistics of each expert layer over those batches:
     load share per expert, Ent_load (Eq. 7) of that share, Ent_conf (Eq. 8) averaged over tokens,
-    and its coefficient of variation. Under DDP the batches are split over ranks and summed."""
+    and its coefficient of variation. Under DDP the batches are split over ranks and summed (under
+    FSDP with as many forwards on every rank: Runtime.share)."""
     rt = rt or Runtime(next(model.parameters()).device, torch.float32)
     was_training = model.training
     model.eval()
     layers = [i for i, _ in model.expert_layers()]
     E = model.config.n_experts
     acc = torch.zeros(2 + len(layers) * (E + 1), dtype=torch.float64)   # loss, batches, per layer: load, ent_conf
-    for i in range(rt.rank, eval_iters, rt.world_size):
+    for i, counted in rt.share(eval_iters):
         x, y = (t.to(rt.device) for t in sampler.batch(i))
         with rt.autocast():
             model(x, y)
+        if not counted:
+            continue                                  # FSDP's padding forward
         acc[0] += model.last_ce_loss.item()
         acc[1] += 1
         for j, s in enumerate(model.routing_stats()):
@@ -142,7 +147,8 @@ def final_val_loss(model: GPT, val, block_size: int, batch_size: int, max_tokens
     sampling error is shared by every run): non-overlapping windows of block_size + 1 tokens spread evenly over
     the whole val split (every window when it holds at most max_tokens), each window's mean cross-entropy one
     observation. Returns their mean (nats/token), its standard error (std of the window means / sqrt(windows):
-    how far another val set of this size could land), and the counts. Under DDP the windows are split; on one
+    how far another val set of this size could land), and the counts. Under DDP the windows are split
+    (Runtime.share: as many forwards on every rank under FSDP); on one
     process "window_losses" (float32 array, one per window, in val order) is returned too: two models scored on
     the same windows give a paired difference whose error is far below either loss's (study.py reads them)."""
     rt = rt or Runtime(next(model.parameters()).device, torch.float32)
@@ -154,12 +160,14 @@ def final_val_loss(model: GPT, val, block_size: int, batch_size: int, max_tokens
     model.eval()
     acc = torch.zeros(3, dtype=torch.float64)                              # sum, sum of squares, windows
     windows = []
-    for b in range(rt.rank * batch_size, n, rt.world_size * batch_size):
+    for b, counted in rt.share(n, batch_size):
         rows = [torch.as_tensor(val[s:s + T + 1].astype("int64")) for s in starts[b:b + batch_size]]
         xy = torch.stack(rows).to(rt.device)                             # (B, T+1)
         x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()          # (B, T) each
         with rt.autocast():
             logits, _ = model(x, y)
+        if not counted:
+            continue                                                     # FSDP's padding forward
         ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")   # (B*T,)
         per_window = ce.view(len(rows), T).mean(dim=1).double().cpu()    # (B,)
         acc += torch.tensor([per_window.sum().item(), per_window.square().sum().item(), len(rows)], dtype=torch.float64)
@@ -263,8 +271,9 @@ def train_step(run: Run, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
     for micro in range(run.accum):
         x, y = next(run.train_batches)
         x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-        # DDP all-reduces gradients in backward(); only the last micro-step needs to.
-        sync = run.fwd.no_sync() if rt.ddp and micro < run.accum - 1 else nullcontext()
+        # DDP all-reduces gradients in backward(); only the last micro-step needs to. (FSDP reduce-scatters
+        # every micro-step: skipping it would keep the full unsharded gradients; see fsdp.py.)
+        sync = run.fwd.no_sync() if rt.ddp and not rt.fsdp and micro < run.accum - 1 else nullcontext()
         with sync:
             with rt.autocast():
                 _, loss = run.fwd(x, y)                   # cross-entropy + aux (Eq. 6)
@@ -325,18 +334,20 @@ def evaluate(run: Run, state: LoopState) -> dict:
 
 
 def save(run: Run, state: LoopState) -> None:
-    """All ranks call this (it all-reduces). Every rank checks that its weights are finite and the
-    ranks agree, so all raise together; rank 0 writes ckpt.pt (atomically)."""
+    """All ranks call this (it all-reduces; under FSDP it also gathers the full state dicts to rank 0).
+    Every rank checks that its weights (its shard under FSDP) are finite and the ranks agree, so all
+    raise together; rank 0 writes ckpt.pt (atomically), in the same format in every mode."""
     rt, model = run.rt, run.model
     sums = state.mean_sums(rt)
-    finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all().item()
+    finite = torch.stack([torch.isfinite(local(p)).all() for p in model.parameters()]).all().item()
     if rt.any_rank(not finite):
         raise TrainingDiverged(f"weights became NaN/inf by iter {state.step}; kept the last good checkpoint "
                                f"{run.ckpt_path}. Try a lower --learning_rate or --grad_clip=1")
+    model_state, optimizer_state = full_state_dicts(model, run.optimizer)
     if not rt.master:
         return
     save_checkpoint(run.ckpt_path, {
-        "model": model.state_dict(), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+        "model": model_state, "optimizer": optimizer_state, "scaler": run.scaler.state_dict(),
         "model_config": asdict(run.model_config), "train_config": asdict(run.cfg),
         "sampler": run.train_batches.state_dict(), **state.to_checkpoint(sums),
         "rng": {"torch": torch.get_rng_state(),
@@ -355,7 +366,7 @@ class Run:
     cfg: TrainConfig
     rt: Runtime
     corpus: Corpus
-    model: GPT                         # the plain model: evaluation, checkpoints, samples
+    model: GPT                         # the model (sharded in place under FSDP): evaluation, checkpoints, samples
     fwd: torch.nn.Module               # what a training step calls: the model, compiled and/or in DDP
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler       # loss scaling for float16; a no-op otherwise
@@ -394,12 +405,14 @@ def check_corpus(model_config: GPTConfig, cfg: TrainConfig, corpus: Corpus, rt: 
 def build_run(model_config: GPTConfig, cfg: TrainConfig, rt: Runtime, corpus: Corpus, accum: int,
               t_start: float) -> tuple[Run, LoopState]:
     """Model, optimizer, scaler, samplers and the loop state; with --init_from=resume all of them
-    continue from ckpt.pt, once check_resume agrees it is this run's (model, data, seed, batch)."""
+    continue from ckpt.pt, once check_resume agrees it is this run's (model, data, seed, batch).
+    The checkpoint may come from any mode (one process, DDP, FSDP): all save the same full state."""
     tokens_per_step = cfg.batch_size * model_config.block_size * rt.world_size * accum
     fingerprint = data_fingerprint(corpus)
     path, ckpt = Path(cfg.out_dir) / CHECKPOINT, None
     if cfg.init_from == "resume":
-        ckpt = load_checkpoint(path, map_location=rt.device, keys=RESUME_KEYS)
+        # FSDP: read to the CPU (each rank keeps only its shard, not a full copy on its GPU)
+        ckpt = load_checkpoint(path, map_location="cpu" if rt.fsdp else rt.device, keys=RESUME_KEYS)
         check_resume(ckpt, model_config, cfg, tokens_per_step, path, fingerprint,
                      notify=tqdm.write if rt.master else lambda s: None)
         if rt.device.type == "cpu" and not cfg.threads and ckpt.get("threads"):
@@ -407,7 +420,14 @@ def build_run(model_config: GPTConfig, cfg: TrainConfig, rt: Runtime, corpus: Co
 
     torch.manual_seed(cfg.seed)                       # the same init on every rank
     model = GPT(model_config).to(rt.device)
-    optimizer = configure_optimizer(model, cfg)
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(model)
+    if rt.fsdp:                                       # every rank keeps 1/N of each tensor (fsdp.py)
+        if cfg.compile:
+            for block in model.blocks:                # per Block, as torchtitan: the FSDP hooks stay outside
+                block.compile()
+        shard(model, rt.dtype if rt.device.type == "cuda" else None)
+    optimizer = configure_optimizer(model, cfg)       # after shard(): it holds the sharded parameters
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
     train_batches = BatchSampler(corpus.train, cfg.batch_size, model_config.block_size, seed=cfg.seed,
                                  rank=rt.rank, world_size=rt.world_size)
@@ -417,8 +437,7 @@ def build_run(model_config: GPTConfig, cfg: TrainConfig, rt: Runtime, corpus: Co
         torch.manual_seed(cfg.seed + rt.rank)         # dropout masks differ across ranks
     else:
         with restoring(path, "training state"):
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+            load_full_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
             train_batches.load_state_dict(ckpt["sampler"])
             if rt.world_size == 1:
@@ -427,9 +446,10 @@ def build_run(model_config: GPTConfig, cfg: TrainConfig, rt: Runtime, corpus: Co
                     torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
             else:
                 torch.manual_seed(cfg.seed + 1000 * rt.rank + state.step)
-    fwd = torch.compile(model) if cfg.compile else model
-    if rt.ddp:
-        fwd = DDP(fwd, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    fwd = torch.compile(model) if cfg.compile and not rt.fsdp else model
+    if rt.ddp and not rt.fsdp:                        # gradients as views of DDP's buckets: no second copy
+        fwd = DDP(fwd, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+                  gradient_as_bucket_view=True)
     run = Run(model_config, cfg, rt, corpus, model, fwd, optimizer, scaler, train_batches, val_batches, accum,
               tokens_per_step, fingerprint, resumed=ckpt is not None,
               log=RunLog(cfg.out_dir, rt.master, model_config.ffn))
@@ -452,7 +472,8 @@ def start_files(run: Run, state: LoopState) -> None:
 
 
 def results(run: Run, state: LoopState, interrupted: str | None) -> dict:
-    """train()'s return value (see there); rank 0 also writes sample.txt unless a signal stopped the run."""
+    """train()'s return value (see there); rank 0 also writes sample.txt unless a signal stopped the run
+    (under FSDP every rank generates it with rank 0: each forward needs them all)."""
     cfg, rt, model = run.cfg, run.rt, run.model
     last = run.log.rows[-1] if run.log.rows else {}
     train_time = state.clock.read()
@@ -474,6 +495,8 @@ def results(run: Run, state: LoopState, interrupted: str | None) -> dict:
             tqdm.write(f"{run.model_config.ffn} final val {result['final_val_loss']:.4f} ± "
                        f"{result['final_val_se']:.4f} nats (standard error over {result['final_val_windows']:,} "
                        f"windows, {result['final_val_tokens']:,} of {len(run.corpus.val):,} val tokens)")
-    if rt.master and not interrupted and cfg.sample_tokens:
-        result["sample"] = write_sample(model, run.corpus, cfg, rt, run.out_dir / "sample.txt")
+    if (rt.master or rt.fsdp) and not interrupted and cfg.sample_tokens:
+        sample = write_sample(model, run.corpus, cfg, rt, run.out_dir / "sample.txt" if rt.master else None)
+        if rt.master:
+            result["sample"] = sample
     return result
