@@ -196,11 +196,22 @@ def test_02_norm_ranking_runs(run_notebook, workdir):
     assert sym["L2 norm of SiLU(x W_g)"] != "1.00"
     assert len(re.findall(r"^L2 norm of x W_[gp], (positive|negative) part\s+-?\d+% \[", out, re.M)) == 4
     assert (workdir / "figures" / "02_norm_ranking.png").is_file()
-    check_02_seeds(out)
+    check_02_seed_table(out)
 
 
-def check_02_seeds(out):
-    """Notebook 02's seed check: the claims its prose makes about three trainings of the MoE."""
+def test_02_seed_claims_hold_on_the_committed_outputs():
+    """The prose's claims about three trainings of the MoE, on the outputs the prose describes (the committed ones).
+    Which rule wins on which seed depends on the trained models, and those differ in their last digits between CPUs
+    (the committed run: Intel Xeon; CI's machine has given another MoE, val 1.8253 against 1.8361, from the same code),
+    so a fresh execution is held to the table's structure only (check_02_seed_table)."""
+    out = text_of(read("02_norm_ranking"))
+    check_02_seed_table(out)
+    check_02_seed_claims(out)
+
+
+def check_02_seed_table(out):
+    """Notebook 02's seed check, the parts that hold on any machine: three seeds, each the run it logged, 9 + 11
+    rows whose mean is the mean of the per-seed gaps."""
     seeds = re.findall(r"^seed\s+(\d+): router (\d\.\d{4}) \(the run logged (\d\.\d{4})\)", out, re.M)
     assert [s for s, _, _ in seeds] == ["1337", "2", "3"] and all(a == b for _, a, b in seeds), seeds
     rows = re.findall(r"^(L\S+ norm of .+?)((?:\s+-?\d+%){3})\s+(-?\d+) ± (\d+)\s+(\d+\.\d)\s+(\d+\.\d)\s+(\d)/3$",
@@ -209,6 +220,13 @@ def check_02_seeds(out):
     for label, per_seed, mean, _, batch, sd, _ in rows:
         gaps = [int(v) for v in re.findall(r"-?\d+", per_seed)]
         assert abs(sum(gaps) / 3 - int(mean)) <= 1, (label, gaps, mean)
+    return rows
+
+
+def check_02_seed_claims(out):
+    """The claims notebook 02's prose makes about its three trainings (see test_02_seed_claims_hold_on_...)."""
+    rows = check_02_seed_table(out)
+    for label, per_seed, mean, _, batch, sd, _ in rows:
         assert float(sd) > float(batch), label               # the seed moves a gap more than the batches do
     softmax, equal = rows[:9], rows[9:]
     above = {label: int(a) for label, *_, a in softmax}
@@ -291,7 +309,10 @@ def test_04_gradients_and_successors_runs(run_notebook, workdir):
     split = re.findall(r"^\d\s+(\d\.\d{4})\s+(\d\.\d{4})\s+(\d\.\d{4})\s+(\d\.\de-\d\d)\s+([+-]\d\.\d{4})\s+([+-]1\.000)$",
                        out, re.M)
     assert len(split) == 2, split
-    assert all(float(gate) < float(up) <= float(total) and float(s_) < 1e-6 for total, gate, up, s_, _, _ in split)
+    # the gate path carries less than the W_up path, and the two add up (so |total| <= |gate| + |up|; the paths can
+    # partly cancel, so |up| may exceed |total|: it does for one winner on an AMD EPYC execution)
+    assert all(float(gate) < float(up) and float(total) <= float(gate) + float(up) + 2e-4 and float(s_) < 1e-6
+               for total, gate, up, s_, _, _ in split)
     assert sorted(c for *_, c in split) == ["+1.000", "-1.000"] and float(split[0][4]) == -float(split[1][4])
     assert abs(float(re.search(r"dL/d\|\|a_i\|\| of the two winners sums to ([+-]\d\.\de[+-]\d\d)", out).group(1))) < 1e-6
     # 1c: Alg. 2's softmax over the winners gives exactly 0; the renormalized softmax over all E only rounding
