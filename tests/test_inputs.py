@@ -642,8 +642,9 @@ def test_sample_paths_special_files_and_tilde(tmp_path, monkeypatch, tiny_ckpt):
 
 
 def test_ctrl_c_while_sampling_is_one_line():
-    code = ("import os, runpy, signal, sys; import minimoe.checkpoint as t; "
-            "t.load_model = lambda *a: os.kill(os.getpid(), signal.SIGINT); "      # Ctrl-C while it loads
+    code = ("import os, runpy, signal, sys, time; import minimoe.checkpoint as t; "
+            # Ctrl-C while it loads; the sleep is where Python runs the handler (a bare os.kill may return first)
+            "t.load_model = lambda *a: (os.kill(os.getpid(), signal.SIGINT), time.sleep(30)); "
             "sys.argv = ['sample', '--device=cpu', '--out_dir=/nonexistent']; "
             "runpy.run_module('minimoe.sample', run_name='__main__')")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
